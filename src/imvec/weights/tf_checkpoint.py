@@ -207,6 +207,25 @@ def _build_table(items: list[tuple[bytes, bytes]]) -> bytes:
     return bytes(out) + handles.ljust(40, b"\0") + struct.pack("<Q", _MAGIC)
 
 
+def _read_index(path: Path) -> tuple:
+    """The header and the name -> BundleEntryProto map; every block is crc-checked."""
+    buf = path.read_bytes()
+    try:
+        items = [kv for _, handle in _read_block(buf, *_index_handle(buf, path), path)
+                 for kv in _read_block(buf, *_decode_handle(handle)[:2], path)]
+        if not items or items[0][0] != b"":
+            raise CheckpointError(f"{path} has no header entry; it is corrupt")
+        header = _PB["BundleHeaderProto"].FromString(items[0][1])
+        # Keys starting with NUL are TF's per-slice entries of partitioned tensors.
+        return header, {k.decode(): _PB["BundleEntryProto"].FromString(v)
+                        for k, v in items[1:] if not k.startswith(b"\0")}
+    except CheckpointError:
+        raise
+    except Exception as e:  # IndexError, struct.error, protobuf DecodeError, ...
+        raise CheckpointError(f"{path} is truncated or corrupt ({e!r}); copy the checkpoint "
+                              "again") from e
+
+
 def _data_path(prefix: Path, shard: int, num_shards: int) -> Path:
     return Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
 
@@ -221,23 +240,28 @@ def _copy_out(buf, offset: int, size: int, stored: np.dtype, shape, verify: bool
     return array, crc
 
 
-def _decode_strings(raw: bytes, shape: tuple[int, ...]) -> tuple[list[bytes], int, int]:
+def _decode_strings(raw: bytes, shape: tuple[int, ...], where: str):
     """TF's string layout: varint64 lengths, masked crc of the lengths, then the bytes.
 
-    Returns the strings, the masked crc32c over (lengths as uint32/uint64, the stored length
-    checksum, the bytes) as TF computes it, and how many bytes were consumed.
+    Returns the value (bytes, or an object array of bytes) and the masked crc32c TF stores for
+    it: over the lengths as uint32 (uint64 when larger), the length checksum, and the bytes.
     """
-    lengths, pos, crc = [], 0, 0
-    for _ in range(int(np.prod(shape))):
-        n, pos = _varint(raw, pos)
-        lengths.append(n)
-        crc = google_crc32c.extend(crc, struct.pack("<I" if n < 2**32 else "<Q", n))
+    lengths, values, pos, crc = [], [], 0, 0
+    try:
+        for _ in range(int(np.prod(shape))):
+            n, pos = _varint(raw, pos)
+            lengths.append(n)
+            crc = google_crc32c.extend(crc, struct.pack("<I" if n < 2**32 else "<Q", n))
+    except IndexError:
+        pos = len(raw)
     crc, pos = google_crc32c.extend(crc, raw[pos:pos + 4]), pos + 4
-    values = []
     for n in lengths:
         values.append(raw[pos:pos + n])
         crc, pos = google_crc32c.extend(crc, values[-1]), pos + n
-    return values, _mask(crc), pos
+    if pos != len(raw):
+        raise CheckpointError(f"{where} is corrupt: its string lengths do not add up to its "
+                              f"{len(raw)} bytes; download it again")
+    return (np.array(values, dtype=object).reshape(shape) if shape else values[0]), _mask(crc)
 
 
 class CheckpointReader:
@@ -259,26 +283,17 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint index {self._index} does not exist; pass the "
                                   "checkpoint prefix (the path without .index), e.g. "
                                   ".../variables/variables or .../model.ckpt")
-        buf = self._index.read_bytes()
-        try:
-            items = [kv for _, handle in _read_block(buf, *_index_handle(buf, self._index),
-                                                     self._index)
-                     for kv in _read_block(buf, *_decode_handle(handle)[:2], self._index)]
-            if not items or items[0][0] != b"":
-                raise CheckpointError(f"{self._index} has no header entry; it is corrupt")
-            header = _PB["BundleHeaderProto"].FromString(items[0][1])
-            # Keys starting with NUL are TF's per-slice entries of partitioned tensors.
-            self._entries = {k.decode(): _PB["BundleEntryProto"].FromString(v)
-                             for k, v in items[1:] if not k.startswith(b"\0")}
-        except CheckpointError:
-            raise
-        except Exception as e:  # IndexError, struct.error, protobuf DecodeError, ...
-            raise CheckpointError(f"{self._index} is truncated or corrupt ({e!r}); copy the "
-                                  "checkpoint again") from e
+        header, self._entries = _read_index(self._index)
         if header.endianness != 0:
             raise CheckpointError(f"{self._index} was written on a big-endian machine; imvec "
                                   "reads little-endian checkpoints only")
         self._num_shards = max(header.num_shards, 1)
+
+    @property
+    def files(self) -> list[Path]:
+        """The index file, then the data shards: what makes up this checkpoint."""
+        return [self._index] + [_data_path(self._prefix, i, self._num_shards)
+                                for i in range(self._num_shards)]
 
     def keys(self) -> list[str]:
         return sorted(self._entries)
@@ -334,28 +349,21 @@ class CheckpointReader:
             raise CheckpointError(f"{data_name} is truncated: tensor {name!r} needs bytes "
                                   f"{start}..{end} but the file has {len(buf)}")
         if entry.dtype == _DT_STRING:
-            try:
-                values, crc, used = _decode_strings(buf[start:end], shape)
-            except IndexError:
-                values, crc, used = [], 0, -1
-            if used != entry.size:
-                raise CheckpointError(f"string tensor {name!r} in {data_name} is corrupt: its "
-                                      f"lengths do not add up to its {entry.size} bytes")
+            where = f"string tensor {name!r} in {data_name}"
+            value, crc = _decode_strings(buf[start:end], shape, where)
         else:
             stored = np.dtype("<u2" if entry.dtype == _DT_BFLOAT16 else _NUMPY_OF[entry.dtype])
             if entry.size != stored.itemsize * int(np.prod(shape)):
                 raise CheckpointError(f"tensor {name!r} in {self._index} has {entry.size} "
                                       f"bytes, but shape {shape} of {stored} needs another size")
-            array, crc = _copy_out(buf, start, entry.size, stored, shape, verify)
+            value, crc = _copy_out(buf, start, entry.size, stored, shape, verify)
         if verify and crc != entry.crc32c:
             raise CheckpointError(f"crc32c mismatch for tensor {name!r} in {data_name}: stored "
                                   f"0x{entry.crc32c:08x}, computed 0x{crc:08x}; the file is "
                                   "corrupt, download it again")
-        if entry.dtype == _DT_STRING:
-            return np.array(values, dtype=object).reshape(shape) if shape else values[0]
         if entry.dtype == _DT_BFLOAT16:
-            return (array.astype(np.uint32) << 16).view(np.float32)
-        return array
+            return (value.astype(np.uint32) << 16).view(np.float32)
+        return value
 
     def read_all(self, verify: bool = True) -> dict[str, np.ndarray]:
         return {name: self.read(name, verify) for name in self.keys()}
@@ -402,7 +410,8 @@ def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, np.ndarray
                      num_shards: int = 1) -> None:
     """Write a V2 checkpoint TensorFlow can restore; tensors go round-robin over the shards.
 
-    The index is written last, so an interrupted write leaves no readable half-checkpoint.
+    An old index is removed first and the new one written last, so an interrupted write
+    leaves no index pointing at half-written data.
     """
     prefix = Path(prefix)
     if num_shards < 1:
@@ -411,6 +420,7 @@ def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, np.ndarray
     if bad:
         raise ValueError(f"tensor names must be non-empty strings not starting with NUL: {bad}")
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.index").unlink(missing_ok=True)
     entries = []
     with ExitStack() as stack:
         files = [stack.enter_context(open(_data_path(prefix, i, num_shards), "wb"))

@@ -1,0 +1,31 @@
+"""imvec: the classic TF-Hub ImageNet feature-vector networks as faithful PyTorch modules."""
+
+from imvec.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ChecksumError,
+    ImvecError,
+    InputError,
+    UnknownHandleError,
+)
+from imvec.loader import create_model, load
+from imvec.module import Module, TensorInfo, get_expected_image_size
+from imvec.registry import Card, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Card",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ChecksumError",
+    "ImvecError",
+    "InputError",
+    "Module",
+    "TensorInfo",
+    "UnknownHandleError",
+    "create_model",
+    "get_expected_image_size",
+    "list_models",
+    "load",
+]

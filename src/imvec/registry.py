@@ -1,0 +1,222 @@
+"""One card per TF-Hub handle: the network, its input and output, and where weights live.
+
+All cards sit in the literal table ``CARDS``; a duplicate handle or alias is an error at
+import. Facts come from the TF-Hub model cards and the TF-Slim / tensorflow/tpu READMEs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+
+from imvec.errors import UnknownHandleError
+from imvec.nets.amoebanet import amoebanet_a
+from imvec.nets.mobilenet_v1 import mobilenet_v1
+from imvec.nets.nasnet import nasnet_large, nasnet_mobile
+from imvec.nets.pnasnet import pnasnet_large
+
+__all__ = ["CARDS", "NETWORKS", "Card", "Mirror", "build_network", "find_card", "list_models"]
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {
+    "amoebanet_a": amoebanet_a,
+    "nasnet_large": nasnet_large,
+    "pnasnet_large": pnasnet_large,
+    "nasnet_mobile": nasnet_mobile,
+    "mobilenet_v1": mobilenet_v1,
+}
+
+IMAGENET = "ImageNet (ILSVRC-2012-CLS)"
+SLIM_MODELS = "https://storage.googleapis.com/download.tensorflow.org/models/"
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """One place the weights can be fetched from. ``sha256``/``size`` are None while unknown
+    (never downloaded by us yet); the store then records what it got."""
+
+    url: str
+    kind: str  # "hub_tf1" (TF1 hub module tar.gz) or "slim_tarball" (TF-Slim checkpoint)
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Card:
+    handle: str
+    alias: str | None
+    network: str
+    hparams: MappingProxyType
+    input_size: tuple[int, int]
+    variable_input_size: bool
+    num_features: int
+    variant: str  # "feature_vector" or "classification"
+    signatures: tuple[str, ...]
+    architecture: str
+    source_checkpoint: str
+    paper: str
+    mirrors: tuple[Mirror, ...]
+    dataset: str = IMAGENET
+    fine_tunable: bool = True
+    license: str = "Apache-2.0"
+    num_classes: int | None = None
+    stats: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def short_name(self) -> str:
+        return self.handle.split("/")[2]
+
+    @property
+    def version(self) -> int:
+        return int(self.handle.rsplit("/", 1)[1])
+
+    @property
+    def url(self) -> str:
+        return f"https://tfhub.dev/{self.handle}"
+
+    def build(self, **overrides: Any) -> nn.Module:
+        """The plain network with the card's hyper-parameters (and ``overrides``)."""
+        return build_network(self.network, num_classes=self.num_classes,
+                             **{**self.hparams, **overrides})
+
+
+def build_network(network: str, num_classes: int | None = None, **hparams: Any) -> nn.Module:
+    if network not in NETWORKS:
+        raise UnknownHandleError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
+    return NETWORKS[network](num_classes=num_classes, **hparams)
+
+
+def _signatures(variant: str, version: int) -> tuple[str, ...]:
+    """TF-Hub image signatures; v3 modules add the ``*_with_bn_hparams`` twin."""
+    base = "image_feature_vector" if variant == "feature_vector" else "image_classification"
+    return ("default", base) + ((f"{base}_with_bn_hparams",) if version >= 3 else ())
+
+
+_FAMILIES: list[dict[str, Any]] = [
+    dict(short="amoebanet_a_n18_f448", version=1, network="amoebanet_a", hparams={},
+         input_size=331, variable=False, num_features=7168,
+         architecture="AmoebaNet-A (N=18, F=448)", checkpoint="(none public: trained with "
+         "tensorflow/tpu amoeba_net and exported by its tf_hub.py)",
+         paper="Real et al., Regularized Evolution for Image Classifier Architecture Search, "
+         "https://arxiv.org/abs/1802.01548", slim=None,
+         stats={"params (M)": 468.6, "top-1": "83.9% (paper, unconfirmed)"}),
+    dict(short="nasnet_large", version=1, network="nasnet_large", hparams={},
+         input_size=331, variable=False, num_features=4032,
+         architecture="NASNet-A large (18 cells, 168 filters)",
+         checkpoint="nasnet-a_large_04_10_2017/model.ckpt",
+         paper="Zoph et al., Learning Transferable Architectures for Scalable Image "
+         "Recognition, https://arxiv.org/abs/1707.07012",
+         slim="nasnet-a_large_04_10_2017.tar.gz",
+         stats={"params (M)": 88.9, "mult-adds (M)": 23800, "top-1": "82.7%", "top-5": "96.2%"}),
+    dict(short="pnasnet_large", version=1, network="pnasnet_large", hparams={},
+         input_size=331, variable=False, num_features=4320,
+         architecture="PNASNet-5 large (12 cells, 216 filters)",
+         checkpoint="pnasnet-5_large_2017_12_13/model.ckpt",
+         paper="Liu et al., Progressive Neural Architecture Search, "
+         "https://arxiv.org/abs/1712.00559",
+         slim="pnasnet-5_large_2017_12_13.tar.gz",
+         stats={"top-1": "82.9%", "top-5": "96.2%"}),
+    dict(short="nasnet_mobile", version=3, network="nasnet_mobile", hparams={},
+         input_size=224, variable=False, num_features=1056,
+         architecture="NASNet-A mobile (12 cells, 44 filters)",
+         checkpoint="nasnet-a_mobile_04_10_2017/model.ckpt",
+         paper="Zoph et al., Learning Transferable Architectures for Scalable Image "
+         "Recognition, https://arxiv.org/abs/1707.07012",
+         slim="nasnet-a_mobile_04_10_2017.tar.gz",
+         stats={"params (M)": 5.3, "mult-adds (M)": 564, "top-1": "74.0%", "top-5": "91.6%"}),
+    dict(short="mobilenet_v1_050_160", version=3, network="mobilenet_v1",
+         hparams={"depth_multiplier": 0.5}, input_size=160, variable=True, num_features=512,
+         architecture="MobileNet V1 (depth multiplier 0.50)",
+         checkpoint="mobilenet_v1_2018_02_22/mobilenet_v1_0.5_160/mobilenet_v1_0.5_160.ckpt",
+         paper="Howard et al., MobileNets: Efficient Convolutional Neural Networks for Mobile "
+         "Vision Applications, https://arxiv.org/abs/1704.04861",
+         slim="mobilenet_v1_2018_02_22/mobilenet_v1_0.5_160.tgz",
+         stats={"params (M)": 1.34, "mult-adds (M)": 77, "top-1": "59.1%", "top-5": "81.9%"}),
+]
+
+
+def _cards() -> tuple[Card, ...]:
+    cards = []
+    for f in _FAMILIES:
+        for variant in ("feature_vector", "classification"):
+            handle = f"google/imagenet/{f['short']}/{variant}/{f['version']}"
+            mirrors = [Mirror(f"https://tfhub.dev/{handle}?tf-hub-format=compressed", "hub_tf1")]
+            if f["slim"]:
+                mirrors.append(Mirror(SLIM_MODELS + f["slim"], "slim_tarball"))
+            cards.append(Card(
+                handle=handle,
+                alias=f["short"] if variant == "feature_vector" else None,
+                network=f["network"],
+                hparams=MappingProxyType(dict(f["hparams"])),
+                input_size=(f["input_size"], f["input_size"]),
+                variable_input_size=f["variable"],
+                num_features=f["num_features"],
+                variant=variant,
+                signatures=_signatures(variant, f["version"]),
+                architecture=f["architecture"],
+                source_checkpoint=f["checkpoint"],
+                paper=f["paper"],
+                mirrors=tuple(mirrors),
+                num_classes=1001 if variant == "classification" else None,
+                stats=MappingProxyType(dict(f["stats"])),
+            ))
+    return tuple(cards)
+
+
+CARDS: tuple[Card, ...] = _cards()
+
+
+def _index(cards: tuple[Card, ...]) -> dict[str, Card]:
+    index: dict[str, Card] = {}
+    for card in cards:
+        for key in filter(None, (card.handle, card.alias)):
+            if key in index:
+                raise RuntimeError(f"duplicate handle or alias {key!r} in the registry")
+            index[key] = card
+    return index
+
+
+_INDEX = _index(CARDS)
+_URL = re.compile(r"^(?:https?://)?(?:www\.)?tfhub\.dev/(.+?)/?(?:\?.*)?$")
+
+
+def find_card(name: str, variant: str | None = None) -> Card:
+    """The card for a TF-Hub handle, its tfhub.dev URL, or a short name.
+
+    ``variant`` picks the twin of a short name (``nasnet_mobile`` + "classification");
+    for a full handle it must agree with the handle.
+    """
+    if variant not in (None, "feature_vector", "classification"):
+        raise ValueError(f"variant must be 'feature_vector' or 'classification', got {variant!r}")
+    match = _URL.match(name)
+    key = match.group(1) if match else name.strip("/")
+    card = _INDEX.get(key)
+    if card is None:
+        close = difflib.get_close_matches(key, list(_INDEX), n=3, cutoff=0.4)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownHandleError(
+            f"unknown model {name!r}{hint} (`imvec models` lists all {len(CARDS)} handles)")
+    if variant and variant != card.variant:
+        if key == card.alias:
+            return _INDEX[card.handle.replace("/feature_vector/", f"/{variant}/")]
+        raise ValueError(f"{card.handle} is a {card.variant} module; variant={variant!r} "
+                         "contradicts it")
+    return card
+
+
+def list_models(include: str | list[str] = "*", exclude: str | list[str] = ()) -> list[Card]:
+    """Cards whose handle or alias matches ``include`` (fnmatch) and not ``exclude``."""
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+
+    def matches(card: Card, patterns: list[str]) -> bool:
+        names = [card.handle] + ([card.alias] if card.alias else [])
+        return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)
+
+    return [c for c in CARDS if matches(c, include) and not matches(c, exclude)]
