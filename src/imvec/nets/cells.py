@@ -214,18 +214,14 @@ class Cell(nn.Module):
         channels = [filters, in_channels if prev_channels is None else filters]
         reduced = [False, False]
         for i, (left_op, left, right_op, right) in enumerate(genotype.combs):
-            sides = []
-            for op, index in ((left_op, left), (right_op, right)):
-                op_stride = stride if index < 2 else 1
-                sides.append((build_op(op, channels[index], filters, op_stride, eps),
-                              reduced[index] or op_stride > 1))
-            if sides[0][1] != sides[1][1]:
-                raise ValueError(f"genotype {genotype.name!r}: comb_iter_{i} adds maps of "
-                                 "different resolutions at stride {stride}")
+            # Ops on h0/h1 take the stride and later states are already reduced, so both
+            # sides of a combination always agree in size.
+            ops = [build_op(op, channels[index], filters, stride if index < 2 else 1, eps)
+                   for op, index in ((left_op, left), (right_op, right))]
             drops = (left_op != "none", right_op != "none")
-            self.add_module(f"comb_iter_{i}", Comb(sides[0][0], sides[1][0], drops))
+            self.add_module(f"comb_iter_{i}", Comb(*ops, drops))
             channels.append(filters)
-            reduced.append(sides[0][1])
+            reduced.append(stride > 1)
 
         self.cell_output = nn.ModuleDict()
         for index in genotype.concat:
