@@ -44,7 +44,7 @@ def cmd_models(args: argparse.Namespace) -> None:
                      ", ".join(m.kind for m in card.mirrors)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_card(args: argparse.Namespace) -> None:
@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     card = sub.add_parser("card", help="print a module's card (markdown)",
                           description="Print the card of a handle or short name.")
-    card.add_argument("handle")
-    card.add_argument("--variant", choices=("feature_vector", "classification"))
+    card.add_argument("handle", help="TF-Hub handle, tfhub.dev URL or short name")
+    card.add_argument("--variant", choices=("feature_vector", "classification"),
+                      help="the twin of a short name (default: feature_vector)")
     card.set_defaults(func=cmd_card)
     return parser
 

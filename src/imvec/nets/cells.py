@@ -50,14 +50,15 @@ class Genotype:
         num_states = 2 + len(self.combs)
         if not self.concat or any(not 0 <= s < num_states for s in self.concat):
             raise ValueError(
-                f"genotype {self.name!r}: concat {self.concat} must name states h0..h{num_states - 1}"
-            )
+                f"genotype {self.name!r}: concat {self.concat} must name states "
+                f"h0..h{num_states - 1}")
 
 
 class SeparableStack(nn.Sequential):
     """'separable_KxK_N': N x (relu -> separable conv -> BN); only the first one strides."""
 
-    def __init__(self, kernel: int, repeats: int, in_ch: int, filters: int, stride: int, eps: float):
+    def __init__(self, kernel: int, repeats: int, in_ch: int, filters: int, stride: int,
+                 eps: float):
         super().__init__()
         for n in range(1, repeats + 1):
             self.add_module(f"relu_{n}", nn.ReLU())
@@ -189,7 +190,8 @@ class Cell(nn.Module):
         prev_channels: channels of the previous layer, or None for the first stem cell,
             whose h1 is then ``net`` itself, untouched.
         prev_is_larger: the previous layer has twice this cell's input resolution; it is
-            then relu'd and factorized-reduced (``path1_conv``/``path2_conv``/``final_path_bn``).
+            then relu'd and factorized-reduced (``path1_conv``, ``path2_conv``,
+            ``final_path_bn``).
         filters: F, ``int(num_conv_filters * filter_scaling)``.
         stride: applies only to ops that read h0 or h1.
     """
@@ -234,7 +236,8 @@ class Cell(nn.Module):
             for i in genotype.concat
         )
 
-    def _add_prev_adjustment(self, prev_ch: int | None, larger: bool, filters: int, eps: float) -> str:
+    def _add_prev_adjustment(self, prev_ch: int | None, larger: bool, filters: int,
+                             eps: float) -> str:
         """TF ``_reduce_prev_layer``: how h1 is made from the previous layer."""
         if prev_ch is None:
             return "none"
@@ -268,7 +271,8 @@ class Cell(nn.Module):
             states.append(getattr(self, f"comb_iter_{i}")(states[left], states[right]))
         outputs = []
         for index in self.genotype.concat:
-            reduce = self.cell_output[f"reduction_{index}"] if (
-                f"reduction_{index}" in self.cell_output) else None
-            outputs.append(reduce(states[index]) if reduce is not None else states[index])
+            state, key = states[index], f"reduction_{index}"
+            if key in self.cell_output:
+                state = self.cell_output[key](state)
+            outputs.append(state)
         return torch.cat(outputs, dim=1)

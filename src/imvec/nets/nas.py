@@ -61,7 +61,8 @@ class NASNetwork(nn.Module):
     ) -> None:
         super().__init__()
         if drop_path_schedule not in ("layer", "constant"):
-            raise ValueError(f"drop_path_schedule must be 'layer' or 'constant', got {drop_path_schedule!r}")
+            raise ValueError("drop_path_schedule must be 'layer' or 'constant', got "
+                             f"{drop_path_schedule!r}")
         self.drop_path_keep_prob = drop_path_keep_prob
         self.drop_path_schedule = drop_path_schedule
         self.grad_checkpointing = False
@@ -157,7 +158,8 @@ class NASNetwork(nn.Module):
             cell = getattr(self, step.name)
             prev = None if step.prev is None else outputs[step.prev]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(cell, outputs[-1], prev, use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(cell, outputs[-1], prev,
+                                                        use_reentrant=False)
             else:
                 out = cell(outputs[-1], prev)
             outputs.append(out)

@@ -104,7 +104,7 @@ class BatchNorm(nn.BatchNorm2d):
     @decay.setter
     def decay(self, value: float) -> None:
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"batch norm decay (momentum in TF terms) must be in [0, 1], got {value}")
+            raise ValueError(f"batch norm decay (TF's momentum) must be in [0, 1], got {value}")
         self.momentum = 1.0 - value
 
 

@@ -54,7 +54,7 @@ def convert_checkpoint(
     card = find_card(arch)
     hparams = {**card.hparams, **(hparams or {})}
     with CheckpointReader(prefix) as reader:
-        has_logits = any(k.startswith(LOGITS_PREFIXES) for k in reader.keys())
+        has_logits = any(k.startswith(LOGITS_PREFIXES) for k in reader)
         net = card.build(**hparams) if not has_logits else _build(card, hparams, 1001)
         load_tf_variables(net, reader.read_all())
         files = reader.files
