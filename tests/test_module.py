@@ -28,6 +28,7 @@ def test_features_from_numpy_and_torch_agree_with_tf(small_nasnet, tf_inputs):
     expected = np.load(FIXTURES / "nasnet_mobile_small" / "expected.npz")
     module = small_nasnet()
     assert_close("features", module(tf_inputs).numpy(), expected["features"])
+    assert module.get_output_info_dict()["default"].shape == (None, 288)
     assert_close("features(torch)", module(torch.from_numpy(tf_inputs)).numpy(),
                  expected["features"])
     outputs = module(dict(images=tf_inputs), signature="image_feature_vector", as_dict=True)

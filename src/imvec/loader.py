@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ def load(
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {path}")
-        net, card, _ = load_converted(path, with_logits=variant == "classification")
-        return Module(net, card, source=str(path), **options)
+        net, card, metadata = load_converted(path, with_logits=variant == "classification")
+        return Module(net, card, source=str(path), hparams=json.loads(metadata["hparams"]),
+                      **options)
     card = find_card(str(handle_or_path), variant)
     if not pretrained:
         return Module(card.build(), card, **options)

@@ -63,6 +63,7 @@ class Module(nn.Module):
         tags: set[str] | None = None,
         batch_norm_momentum: float | None = None,
         source: str | None = None,
+        hparams: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         tags = set(tags or ())
@@ -75,6 +76,7 @@ class Module(nn.Module):
                              "batch-norm moving averages; it needs trainable=True. For "
                              "inference use tags=None (the default).")
         self.net, self.card, self.source = net, card, source or card.handle
+        self.hparams = {**card.hparams, **(hparams or {})}
         self.trainable, self.tags = trainable, frozenset(tags)
         self.batch_norm_momentum = DEFAULT_BN_MOMENTUM
         self.set_batch_norm_momentum(batch_norm_momentum or DEFAULT_BN_MOMENTUM)
@@ -145,7 +147,7 @@ class Module(nn.Module):
     def _trace_output_shapes(self) -> dict[str, tuple[int | None, ...]]:
         """Output shapes from a forward pass of a twin network on the meta device."""
         with torch.device("meta"):
-            twin = self.card.build()
+            twin = self.card.build(**self.hparams)
             h, w = self.card.input_size
             end_points: dict[str, torch.Tensor] = {}
             out = self._head(twin, twin.forward_features(torch.empty(1, 3, h, w), end_points))
