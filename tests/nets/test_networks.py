@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import FIXTURES, TF_FIXTURES, assert_close, read_manifest
 
+import imvec
 from imvec.registry import find_card
 from imvec.weights.mapping import ignored, load_tf_variables, tf_bindings, to_tf_layout
 from imvec.weights.tf_checkpoint import read_checkpoint
@@ -101,3 +102,39 @@ def test_drop_path_keep_probability_per_cell():
     assert len(keep) == 22
     assert pnas.cell_keep_probs(0.6)["cell_0"] == pytest.approx(1 - 3 / 14 * 0.4)
     assert set(amoeba.cell_keep_probs(0.7).values()) == {0.7}
+
+
+@pytest.mark.parametrize("arch,hparams", [
+    ("nasnet_large", {"num_cells": 3, "num_conv_filters": 12}),
+    ("amoebanet_a_n18_f448", {"num_cells": 3, "reduction_size": 16}),
+])
+def test_grad_checkpointing_keeps_gradients_and_bn_statistics(arch, hparams):
+    def step(checkpointing):
+        torch.manual_seed(0)
+        net = imvec.create_model(arch, num_classes=10, **hparams).train()
+        net.set_grad_checkpointing(checkpointing)
+        x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # drop path masks
+        net(x).logsumexp(dim=1).sum().backward()
+        return ({n: p.grad.clone() for n, p in net.named_parameters()},
+                {n: b.clone() for n, b in net.named_buffers() if "running" in n})
+
+    grads, stats = step(False)
+    grads_ckpt, stats_ckpt = step(True)
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for name in stats:  # updated once, not twice
+        torch.testing.assert_close(stats_ckpt[name], stats[name], rtol=0, atol=0)
+
+
+def test_feature_maps_of_every_network_are_named_after_tf_end_points():
+    for arch, last in [("nasnet_large", "Cell_17"), ("pnasnet_large", "Cell_11"),
+                       ("amoebanet_a_n18_f448", "Cell_17"), ("nasnet_mobile", "Cell_11")]:
+        card, info = find_card(arch), {}
+        with torch.device("meta"):
+            card.build().forward_features(torch.empty(1, 3, *card.input_size), info)
+        for name in ["Stem", last] + (["Reduction_Cell_0", "Reduction_Cell_1"]
+                                      if arch != "pnasnet_large" else ["Cell_4", "Cell_8"]):
+            assert name in info, f"{arch} lacks end point {name}"

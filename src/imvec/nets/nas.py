@@ -7,10 +7,13 @@ tensorflow/tpu ``_build_network_base``: a VALID stem conv, two stride-2 stem cel
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from imvec.nets.cells import Cell, Genotype
@@ -23,6 +26,29 @@ def calc_reduction_layers(num_cells: int, num_reduction_layers: int) -> list[int
     """TF's placement of reduction layers: ``int(k / (R + 1) * num_cells)`` for k = 1..R."""
     return [int(k / (num_reduction_layers + 1) * num_cells)
             for k in range(1, num_reduction_layers + 1)]
+
+
+@contextmanager
+def _frozen_moving_averages(module: nn.Module) -> Iterator[None]:
+    """Recomputing a checkpointed cell must normalise with the same batch statistics but
+    must not update BN's moving averages a second time: momentum 0 leaves them as they are."""
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+
+
+def _checkpointed(cell: nn.Module, net: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """Run ``cell`` keeping only its inputs; activations are recomputed in backward.
+    The RNG state is replayed, so drop path draws the same masks."""
+    return torch.utils.checkpoint.checkpoint(
+        cell, net, prev, use_reentrant=False,
+        context_fn=lambda: (nullcontext(), _frozen_moving_averages(cell)))
 
 
 @dataclass(frozen=True)
@@ -146,6 +172,8 @@ class NASNetwork(nn.Module):
             getattr(self, name).set_drop_path_keep_prob(keep)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory when training: each cell's activations are recomputed
+        during backward instead of stored (gradients and BN statistics are unchanged)."""
         self.grad_checkpointing = enable
 
     def forward_features(
@@ -158,8 +186,7 @@ class NASNetwork(nn.Module):
             cell = getattr(self, step.name)
             prev = None if step.prev is None else outputs[step.prev]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(cell, outputs[-1], prev,
-                                                        use_reentrant=False)
+                out = _checkpointed(cell, outputs[-1], prev)
             else:
                 out = cell(outputs[-1], prev)
             outputs.append(out)
