@@ -34,8 +34,10 @@ def test_features_from_numpy_and_torch_agree_with_tf(small_nasnet, tf_inputs):
     outputs = module(dict(images=tf_inputs), signature="image_feature_vector", as_dict=True)
     assert_close("Reduction_Cell_1", outputs["Reduction_Cell_1"].numpy(),
                  expected["end_points/Reduction_Cell_1"])
-    logits = imvec.load(module.source, variant="classification")(tf_inputs)
-    assert_close("logits", logits.numpy(), expected["logits"])
+    classifier = imvec.load(module.source, variant="classification")
+    assert_close("logits", classifier(tf_inputs).numpy(), expected["logits"])
+    features = classifier(tf_inputs, signature="image_feature_vector")
+    assert_close("classifier features", features.numpy(), expected["features"])
 
 
 @pytest.mark.parametrize("images,match", [
@@ -83,8 +85,12 @@ def test_signatures_and_info_dicts(mobile):
     assert large.get_signature_names() == ["default", "image_feature_vector"]
     classifier = imvec.load("google/imagenet/mobilenet_v1_050_160/classification/3",
                             pretrained=False)
-    assert "image_classification_with_bn_hparams" in classifier.get_signature_names()
+    assert classifier.get_signature_names() == [
+        "default", "image_classification", "image_feature_vector",
+        "image_classification_with_bn_hparams", "image_feature_vector_with_bn_hparams"]
     assert repr(classifier.get_output_info_dict()["default"]) == "float32 [None, 1001]"
+    info = classifier.get_output_info_dict("image_feature_vector")
+    assert repr(info["default"]) == "float32 [None, 512]"
 
 
 def test_expected_image_size():

@@ -64,6 +64,7 @@ class Module(nn.Module):
         batch_norm_momentum: float | None = None,
         source: str | None = None,
         hparams: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         tags = set(tags or ())
@@ -83,6 +84,9 @@ class Module(nn.Module):
         self.requires_grad_(trainable)
         self.train("train" in self.tags)
         self._output_shapes: dict[str, tuple[int | None, ...]] | None = None
+        if class_names is not None and len(class_names) != card.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {card.num_classes} classes")
+        self._class_names = list(class_names) if class_names is not None else None
 
     # -- modes -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
@@ -139,10 +143,20 @@ class Module(nn.Module):
         return info
 
     def get_output_info_dict(self, signature: str | None = None) -> dict[str, TensorInfo]:
-        self._signature(signature)
+        signature = self._signature(signature)
         if self._output_shapes is None:
             self._output_shapes = self._trace_output_shapes()
-        return {k: TensorInfo(torch.float32, s) for k, s in self._output_shapes.items()}
+        shapes = dict(self._output_shapes)
+        if self._returns_logits(signature):
+            shapes["default"] = (None, self.card.num_classes)
+        return {k: TensorInfo(torch.float32, s) for k, s in shapes.items()}
+
+    def _returns_logits(self, signature: str) -> bool:
+        """``image_classification*`` (and ``default`` of a classifier) give logits; the
+        ``image_feature_vector*`` signatures give features, for classifiers too."""
+        if signature == "default":
+            return self.card.variant == "classification"
+        return signature.startswith("image_classification")
 
     def _trace_output_shapes(self) -> dict[str, tuple[int | None, ...]]:
         """Output shapes from a forward pass of a twin network on the meta device."""
@@ -150,8 +164,8 @@ class Module(nn.Module):
             twin = self.card.build(**self.hparams)
             h, w = self.card.input_size
             end_points: dict[str, torch.Tensor] = {}
-            out = self._head(twin, twin.forward_features(torch.empty(1, 3, h, w), end_points))
-        shapes = {"default": (None, out.shape[1])}
+            twin.forward_features(torch.empty(1, 3, h, w), end_points)
+        shapes = {"default": (None, twin.num_features)}
         for name, value in end_points.items():
             spatial = (None, None) if self.card.variable_input_size else tuple(value.shape[2:])
             shapes[name] = (None, *spatial, value.shape[1])
@@ -163,13 +177,22 @@ class Module(nn.Module):
         return self.net.num_features
 
     @property
+    def class_names(self) -> list[str] | None:
+        """Names of the logits (fine-tuned: from the file; TF-Hub classifiers: the 1001
+        ImageNet labels); None for feature-vector modules."""
+        if self._class_names is None and self.card.variant == "classification" \
+                and self.card.num_classes == 1001:
+            from imvec.labels import imagenet_labels
+
+            return imagenet_labels()
+        return self._class_names
+
+    @property
     def variable_map(self) -> dict[str, torch.Tensor]:
         """``{TF variable name: live tensor in TF layout}`` (conv HWIO, depthwise
         [k, k, C, 1], dense [in, out]), moving statistics included."""
         return variable_map(self.net)
 
-    def _head(self, net: nn.Module, features: torch.Tensor) -> torch.Tensor:
-        return net.forward_head(features, pre_logits=self.card.variant == "feature_vector")
 
     def forward(
         self, inputs: Any = None, signature: str | None = None, as_dict: bool = False, **kwargs: Any
@@ -182,7 +205,8 @@ class Module(nn.Module):
         x = self._check_images(images)
         end_points: dict[str, torch.Tensor] | None = {} if as_dict else None
         with self._momentum(momentum):
-            out = self._head(self.net, self.net.forward_features(x, end_points))
+            features = self.net.forward_features(x, end_points)
+            out = self.net.forward_head(features, pre_logits=not self._returns_logits(signature))
         if not as_dict:
             return out
         maps = {k: v.permute(0, 2, 3, 1) for k, v in end_points.items()}

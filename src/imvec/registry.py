@@ -93,9 +93,12 @@ def build_network(network: str, num_classes: int | None = None, **hparams: Any) 
 
 
 def _signatures(variant: str, version: int) -> tuple[str, ...]:
-    """TF-Hub image signatures; v3 modules add the ``*_with_bn_hparams`` twin."""
-    base = "image_feature_vector" if variant == "feature_vector" else "image_classification"
-    return ("default", base) + ((f"{base}_with_bn_hparams",) if version >= 3 else ())
+    """TF-Hub image signatures. Classification modules also compute feature vectors under
+    ``image_feature_vector``; v3 modules add a ``*_with_bn_hparams`` twin of each."""
+    base = ["image_feature_vector"] if variant == "feature_vector" else [
+        "image_classification", "image_feature_vector"]
+    twins = [f"{name}_with_bn_hparams" for name in base] if version >= 3 else []
+    return ("default", *base, *twins)
 
 
 _FAMILIES: list[dict[str, Any]] = [
