@@ -11,14 +11,15 @@ from torch import nn
 
 from imvec.module import Module
 from imvec.registry import build_network, find_card
-from imvec.weights.convert import load_converted
+from imvec.weights import sources, store
+from imvec.weights.convert import class_names, load_converted
 
 __all__ = ["create_model", "load", "weights_home"]
 
 
 def weights_home() -> Path:
     """``$IMVEC_HOME`` (default ``~/.cache/imvec``)."""
-    return Path(os.environ.get("IMVEC_HOME", Path.home() / ".cache" / "imvec"))
+    return store.home()
 
 
 def load(
@@ -29,35 +30,55 @@ def load(
     variant: str | None = None,
     pretrained: bool = True,
     batch_norm_momentum: float | None = None,
+    arch: str | None = None,
+    engine: str | None = None,
 ) -> Module:
-    """A TF-Hub image module from a handle, its tfhub.dev URL, a short name, or a
-    ``.safetensors`` file written by ``imvec convert``.
+    """A TF-Hub image module from a handle, its tfhub.dev URL, a short name, a
+    ``.safetensors`` file written by ``imvec convert``, or any other SOURCE that
+    ``imvec convert`` accepts (http(s) URL, ``.tar.gz``, hub module or checkpoint
+    directory, checkpoint prefix; ``arch`` names the network where the source does not).
+
+    Registry weights are downloaded from the card's sources, verified and converted into
+    ``$IMVEC_HOME/weights`` on first use, then loaded from there (memory-mapped); other
+    sources are converted into the cache once too. ``IMVEC_OFFLINE=1`` never downloads.
 
     ``variant`` ("feature_vector" or "classification") picks the twin where the source
-    does not say (a short name or a file); the default is "feature_vector".
+    does not say (a short name or a file); the default is "feature_vector", except for a
+    classifier written by ``imvec finetune``, which opens with its logits and class names.
     ``pretrained=False`` builds the network with random weights, offline.
+
+    ``engine`` picks how a ``trainable=False`` module runs (see :mod:`imvec.inference`):
+    "fast" (default: BN folded, fused, channels_last), "compile", "onnxruntime" or
+    "faithful"; ``variable_map`` always shows the original, unfolded variables.
     """
-    options = dict(trainable=trainable, tags=tags, batch_norm_momentum=batch_norm_momentum)
+    options = dict(trainable=trainable, tags=tags, batch_norm_momentum=batch_norm_momentum,
+                   engine=engine)
     path = Path(handle_or_path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {path}")
-        net, card, metadata = load_converted(path, with_logits=variant == "classification")
+        with_logits = None if variant is None else variant == "classification"
+        net, card, metadata = load_converted(path, with_logits=with_logits)
+        names = class_names(metadata) if card.variant == "classification" else None
         return Module(net, card, source=str(path), hparams=json.loads(metadata["hparams"]),
-                      **options)
-    card = find_card(str(handle_or_path), variant)
-    if not pretrained:
-        return Module(card.build(), card, **options)
-    cached = weights_home() / "weights" / f"{card.handle.replace('/', '--')}.safetensors"
-    if not cached.is_file():
-        sources = "\n".join(f"  {m.url}" for m in card.mirrors)
-        raise FileNotFoundError(
-            f"no converted weights for {card.handle} in {cached.parent}. Automatic download "
-            f"is not available yet. Fetch one of\n{sources}\nunpack it and run `imvec convert "
-            f"<checkpoint prefix> --arch {card.short_name} -o {cached}`; or pass "
-            "pretrained=False for random weights.")
-    net, _, _ = load_converted(cached, with_logits=card.variant == "classification")
-    return Module(net, card, source=str(cached), **options)
+                      class_names=names, **options)
+    text = os.fspath(handle_or_path)
+    if sources.is_registry_name(text):
+        card = sources.identify(text, variant)
+        if arch is not None and find_card(arch).network != card.network:
+            raise ValueError(f"{text} is {card.handle} ({card.network}); arch={arch!r} "
+                             "contradicts it")
+        if not pretrained:
+            return Module(card.build(), card, **options)
+        cached = sources.ensure_weights(card)
+    else:
+        card = sources.card_for(text, arch, variant)
+        if not pretrained:
+            return Module(card.build(), card, **options)
+        cached = sources.ensure_source_weights(text, card)
+    net, _, metadata = load_converted(cached, with_logits=card.variant == "classification")
+    return Module(net, card, source=str(cached), hparams=json.loads(metadata["hparams"]),
+                  **options)
 
 
 def create_model(name: str, num_classes: int | None = None, **hparams: Any) -> nn.Module:

@@ -1,0 +1,87 @@
+"""Archives are refused as a whole, before anything is written, when any member is unsafe."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+
+import pytest
+from module_builders import hub_archive, malicious_tar, member
+
+from imvec.errors import ImvecError
+from imvec.weights.archives import UnsafeArchiveError, check_members, extract, is_archive
+
+UNSAFE = {
+    "absolute path": member("/tmp/imvec-evil"),
+    "dot-dot": member("variables/../../imvec-evil"),
+    "symlink out (absolute)": member("link", tarfile.SYMTYPE, "/etc/passwd"),
+    "symlink out (relative)": member("variables/link", tarfile.SYMTYPE, "../../outside"),
+    "hard link out": member("hard", tarfile.LNKTYPE, "../outside"),
+    "character device": member("dev", tarfile.CHRTYPE),
+    "block device": member("blk", tarfile.BLKTYPE),
+    "fifo": member("pipe", tarfile.FIFOTYPE),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE))
+def test_unsafe_member_refuses_the_whole_archive(tmp_path, case):
+    archive = malicious_tar(tmp_path / "a.tar.gz", UNSAFE[case])
+    work = tmp_path / "work"
+    work.mkdir()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UnsafeArchiveError, match="Nothing was extracted"):
+        extract(archive, work / "out")
+    assert os.listdir(work) == []  # no output, no temporary directory left
+    assert sorted(os.listdir(tmp_path)) == before
+    assert not os.path.lexists("/tmp/imvec-evil")
+
+
+def test_member_under_a_link_is_refused(tmp_path):
+    archive = malicious_tar(tmp_path / "a.tar.gz", member("d", tarfile.SYMTYPE, "."),
+                            member("d/x"))
+    with pytest.raises(UnsafeArchiveError, match="under a link"):
+        check_members(archive)
+
+
+def test_oversized_and_too_many_members(tmp_path):
+    archive = malicious_tar(tmp_path / "a.tar.gz", member("big"), payload=b"y" * 5000)
+    with pytest.raises(UnsafeArchiveError, match="member limit"):
+        extract(archive, tmp_path / "out", max_member_bytes=4096)
+    with pytest.raises(UnsafeArchiveError, match="in all"):
+        check_members(archive, max_total_bytes=1000)
+    with pytest.raises(UnsafeArchiveError, match="more than 1 members"):
+        check_members(archive, max_members=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_problem_is_listed(tmp_path):
+    archive = malicious_tar(tmp_path / "a.tar.gz", *UNSAFE.values())
+    with pytest.raises(UnsafeArchiveError, match=f"{len(UNSAFE)} unsafe member"):
+        check_members(archive)
+
+
+def test_hub_module_archive_extracts(tmp_path):
+    archive = tmp_path / "module.tar.gz"
+    archive.write_bytes(hub_archive(tmp_path))
+    assert is_archive(archive)
+    out = extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "assets", "saved_model.pb", "tfhub_module.pb", "variables"]
+    with pytest.raises(FileExistsError):
+        extract(archive, out)
+
+
+def test_links_inside_the_archive_are_fine(tmp_path):
+    archive = malicious_tar(tmp_path / "a.tar.gz",
+                            member("alias.index", tarfile.SYMTYPE, "model.ckpt.index"))
+    out = extract(archive, tmp_path / "out")
+    assert (out / "alias.index").read_bytes() == b"abc"
+
+
+def test_not_an_archive(tmp_path):
+    bogus = tmp_path / "x.tar.gz"
+    bogus.write_bytes(b"<html>403 Forbidden</html>")
+    assert not is_archive(bogus)
+    with pytest.raises(ImvecError, match="not a readable tar archive"):
+        extract(bogus, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
