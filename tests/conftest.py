@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Tests never read or fill the user's caches (tests that need a cache set their own).
+_SANDBOX = Path(tempfile.mkdtemp(prefix="imvec-tests-"))
+os.environ.setdefault("IMVEC_HOME", str(_SANDBOX / "imvec"))
+os.environ["TFHUB_CACHE_DIR"] = str(_SANDBOX / "tfhub_modules")
 sys.path.insert(0, str(FIXTURES))  # seeded_weights.py, shared with the timm fixture script
 
 # Each small TF fixture: (folder with the checkpoint, registry arch, hparams).

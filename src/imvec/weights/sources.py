@@ -2,9 +2,10 @@
 
 A SOURCE is one of:
 
-- a registry handle, short name or ``https://tfhub.dev/...`` URL: the card's mirrors are
-  tried in order (downloads already in the cache first) until one downloads, verifies,
-  unpacks and converts;
+- a registry handle, short name or ``https://tfhub.dev/...`` URL: a module tensorflow_hub
+  already downloaded (``$TFHUB_CACHE_DIR``, :mod:`imvec.weights.tfhub_cache`) if there is
+  one, else the card's mirrors, tried in order (downloads already in the cache first) until
+  one downloads, verifies, unpacks and converts;
 - an http(s) URL: downloaded into the cache (one of a card's mirror URLs also names its
   network; any other URL needs ``arch``);
 - a ``.tar.gz`` / ``.tgz`` / ``.tar`` archive: unpacked safely into ``$IMVEC_HOME/tmp``;
@@ -41,7 +42,7 @@ from filelock import FileLock
 
 from imvec.errors import ImvecError, UnknownHandleError
 from imvec.registry import CARDS, Card, Mirror, find_card
-from imvec.weights import store
+from imvec.weights import store, tfhub_cache
 from imvec.weights.archives import ARCHIVE_SUFFIXES, extract, is_archive
 from imvec.weights.convert import convert_tensors, sha256_of_files
 from imvec.weights.hub_module import open_module, tf2_variable_names
@@ -85,6 +86,10 @@ class CheckpointTensors(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._reader.read(self._keys[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Without reading the tensor (what a completeness check needs)."""
+        return tuple(self._reader.shape(self._keys[name]))
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._keys))
@@ -320,7 +325,11 @@ def _failure(mirror: Mirror, error: Exception) -> str:
 
 def _convert_card(card: Card, output: Path, hparams: dict[str, Any] | None, prefer_ema: bool,
                   progress: bool | None) -> Path:
-    """Try the card's mirrors in order until one downloads, unpacks AND converts."""
+    """Try the card's mirrors in order until one downloads, unpacks AND converts (a copy
+    that tensorflow_hub already downloaded comes first)."""
+    from_tfhub = _convert_tfhub_cached(card, output, hparams, prefer_ema)
+    if from_tfhub is not None:
+        return from_tfhub
     failures = []
     for mirror in _mirror_order(card):
         try:
@@ -331,6 +340,22 @@ def _convert_card(card: Card, output: Path, hparams: dict[str, Any] | None, pref
         except (ImvecError, OSError) as e:
             failures.append(_failure(mirror, e))
     raise _all_failed(card, failures)
+
+
+def _convert_tfhub_cached(card: Card, output: Path, hparams: dict[str, Any] | None,
+                          prefer_ema: bool) -> Path | None:
+    """The card's module from the TF-Hub cache (:mod:`imvec.weights.tfhub_cache`), if there."""
+    found = tfhub_cache.find_module(card)
+    if found is None:
+        return None
+    try:
+        with _open_local(found.path, prefer_ema) as (tensors, _, sha, _layout):
+            return convert_tensors(tensors, card.handle, output, hparams, source_sha256=sha,
+                                   source=f"{found.handle} (TF-Hub cache: {found.path})")
+    except (ImvecError, ValueError, OSError) as e:
+        log.warning("imvec: %s (TF-Hub cache, %s) does not convert: %s; trying the card's "
+                    "sources instead", found.path, found.handle, e)
+        return None
 
 
 def _sha(path: Path) -> str:
@@ -360,13 +385,15 @@ def _all_failed(card: Card, failures: list[str]) -> Exception:
             f"{store.ENV_OFFLINE}=1 and no weights for {card.handle} are in the cache "
             f"({weights_path(card)}). Either copy a converted file there (e.g. from "
             f"`imvec download {card.handle}` on a machine with internet, or copy that "
-            f"machine's $IMVEC_HOME), or fetch one of these by hand and put it at the path "
-            f"shown:\n{places}")
+            f"machine's $IMVEC_HOME), or import a module or checkpoint you have with "
+            f"`imvec cache add {card.handle} FILE` (a module tensorflow_hub downloaded into "
+            f"{tfhub_cache.cache_dir()} is used as it is), or fetch one of these by hand and "
+            f"put it at the path shown:\n{places}")
     listed = " ".join(f"[{i}] {f}." for i, f in enumerate(failures, 1))
     return store.DownloadError(f"no source of {card.handle} worked: {listed} Check the "
                                "connection (or IMVEC_MIRROR_BASE), or fetch one of the URLs by "
-                               "hand and run `imvec convert FILE -o OUT` (IMVEC_OFFLINE=1 "
-                               "never tries the network)", card.url)
+                               f"hand and run `imvec cache add {card.handle} FILE` "
+                               "(IMVEC_OFFLINE=1 never tries the network)", card.url)
 
 
 # -- converting ----------------------------------------------------------------------------
@@ -413,7 +440,8 @@ def ensure_weights(card: Card, *, progress: bool | None = None) -> Path:
         _convert_card(card, out, None, True, progress)
 
     if not out.is_file() and store.is_offline() and not any(
-            store.download_path(m.url).is_file() for m in card.mirrors):
+            store.download_path(m.url).is_file() for m in card.mirrors) and (
+            tfhub_cache.find_module(card) is None):
         raise _all_failed(card, [])
     return _locked_convert(out, convert)
 
@@ -430,12 +458,17 @@ def _fingerprint(text: str, card: Card) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
+def source_weights_path(source: str, card: Card) -> Path:
+    """Where :func:`ensure_source_weights` keeps a local SOURCE converted for ``card``."""
+    return store.weights_dir() / f"{card.short_name}--{_fingerprint(source, card)}.safetensors"
+
+
 def ensure_source_weights(source: str | os.PathLike, card: Card, *,
                           progress: bool | None = None) -> Path:
     """Converted weights for any non-registry SOURCE with its card, cached by the source's
     identity (a changed local file converts again)."""
     text = os.fspath(source)
-    out = store.weights_dir() / f"{card.short_name}--{_fingerprint(text, card)}.safetensors"
+    out = source_weights_path(text, card)
 
     def convert() -> None:
         with open_source(text, card.handle, progress=progress) as opened:

@@ -409,7 +409,8 @@ def _weights_source(path: Path) -> str:
         meta = read_metadata(path)
     except ImvecError as e:
         return f"(unreadable: {e})"
-    return f"{meta.get('arch')} from {meta.get('source')}"
+    sha = f", sha256 {meta['source_sha256']}" if meta.get("source_sha256") else ""
+    return f"{meta.get('arch')} from {meta.get('source')}{sha}"
 
 
 def clear_cache(parts: tuple[str, ...] = ("downloads", "weights", "tmp")) -> int:
