@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from imvec.errors import InputError
+from imvec.inference import InferenceGraph, check_engine
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
 from imvec.nets.ops import BatchNorm
 from imvec.registry import Card
@@ -65,6 +66,7 @@ class Module(nn.Module):
         source: str | None = None,
         hparams: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
+        engine: str | None = None,
     ) -> None:
         super().__init__()
         tags = set(tags or ())
@@ -80,15 +82,24 @@ class Module(nn.Module):
         self.hparams = {**card.hparams, **(hparams or {})}
         self.trainable, self.tags = trainable, frozenset(tags)
         self.batch_norm_momentum = DEFAULT_BN_MOMENTUM
-        self.set_batch_norm_momentum(batch_norm_momentum or DEFAULT_BN_MOMENTUM)
+        self.set_batch_norm_momentum(DEFAULT_BN_MOMENTUM if batch_norm_momentum is None
+                                     else batch_norm_momentum)
         self.requires_grad_(trainable)
         self.train("train" in self.tags)
         self._output_shapes: dict[str, tuple[int | None, ...]] | None = None
+        # inference engine (imvec.inference): a separate graph built from self.net on use
+        self.engine = check_engine(engine, trainable)
+        self._inference = None if self.engine == "faithful" else InferenceGraph(net, self.engine)
         if class_names is not None and len(class_names) != card.num_classes:
             raise ValueError(f"{len(class_names)} class names for {card.num_classes} classes")
         self._class_names = list(class_names) if class_names is not None else None
 
     # -- modes -------------------------------------------------------------------------
+    def _apply(self, fn: Any, recurse: bool = True) -> Module:
+        if getattr(self, "_inference", None) is not None:  # .to()/.half(): rebuild on use
+            self._inference.reset()
+        return super()._apply(fn, recurse)
+
     def train(self, mode: bool = True) -> Module:
         self.training = mode
         self.net.train(mode and "train" in self.tags)
@@ -204,9 +215,13 @@ class Module(nn.Module):
         images, momentum = self._unpack(inputs, signature, kwargs)
         x = self._check_images(images)
         end_points: dict[str, torch.Tensor] | None = {} if as_dict else None
-        with self._momentum(momentum):
-            features = self.net.forward_features(x, end_points)
-            out = self.net.forward_head(features, pre_logits=not self._returns_logits(signature))
+        if self._inference is not None:  # trainable=False: the engine, not the faithful graph
+            out = self._inference(x, end_points, not self._returns_logits(signature))
+        else:
+            with self._momentum(momentum):
+                features = self.net.forward_features(x, end_points)
+                out = self.net.forward_head(features,
+                                            pre_logits=not self._returns_logits(signature))
         if not as_dict:
             return out
         maps = {k: v.permute(0, 2, 3, 1) for k, v in end_points.items()}

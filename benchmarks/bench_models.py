@@ -1,0 +1,490 @@
+"""imvec against Keras/TensorFlow, timm and ONNX Runtime on this machine, in one run.
+
+    python benchmarks/bench_models.py                      # everything (~20 min on 2 cores)
+    python benchmarks/bench_models.py --quick --networks nasnet_mobile,mobilenet_v1_050_160
+
+Each contestant runs in its own process and its own virtual environment (imvec in the
+current one, Keras in .venv-tf, timm in .venv-timm; see benchmarks/README.md) and stays
+loaded for the whole network, so the contestants take turns: every round times each of
+them once, in a rotating order, at the same batch size and thread count. On a shared
+machine the load then hits all of them alike; the medians over rounds are reported, with
+the load average at the start and the end.
+
+Writes benchmarks/results/<machine>.json, a chart beside it, and (full runs)
+docs/readme/speed.md. Each result is also given as a fraction of the machine's fp32
+matmul peak (the best large sgemm through torch.mm), with the network's FLOPs per image
+counted by torch.utils.flop_counter on imvec's graph (2 per multiply-add).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import select
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "bench_worker.py"
+
+NETWORKS = {  # imvec short name: input size, contestants beside imvec's own engines
+    "nasnet_large": (331, ["keras", "timm-eager", "timm-channels_last", "timm-compiled",
+                           "timm-onnxruntime"]),
+    "pnasnet_large": (331, ["timm-eager", "timm-channels_last", "timm-compiled",
+                            "timm-onnxruntime"]),
+    "amoebanet_a_n18_f448": (331, []),
+    "nasnet_mobile": (224, ["keras"]),
+    "mobilenet_v1_050_160": (160, ["keras", "timm-eager", "timm-channels_last",
+                                   "timm-compiled", "timm-onnxruntime"]),
+}
+LARGE = ("nasnet_large", "pnasnet_large", "amoebanet_a_n18_f448")
+OURS = "imvec"  # the default engine; "imvec-<engine>" are the others
+TARGET_PEAK, TARGET_VS_BASELINES = 0.85, 1.5
+
+
+# -- the machine -------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    slug = re.sub(r"-(processor|cpu|with-radeon.*)$", "", slug)
+    return f"{slug}-{os.cpu_count()}c"
+
+
+def matmul_peak(threads: int, size: int = 4096, reps: int = 5) -> float:
+    """Best GFLOP/s of a large fp32 sgemm through torch.mm (MKL / OpenBLAS)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def flops_per_image(network: str, size: int) -> float:
+    """FLOPs (2 per multiply-add) of one image through imvec's network, on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import imvec
+
+    with torch.device("meta"):
+        net = imvec.create_model(network).eval()
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+# -- contestants -------------------------------------------------------------------------
+
+@dataclass
+class Contestant:
+    kind: str
+    python: str
+    process: subprocess.Popen | None = None
+    error: str | None = None
+    build_s: float | None = None
+    times: dict[int, list[float]] = field(default_factory=dict)
+    cpu_times: dict[int, list[float]] = field(default_factory=dict)
+    warmup_s: dict[int, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, network: str, size: int, threads: int, timeout: float) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+               "TF_CPP_MIN_LOG_LEVEL": "2", **self.env}
+        self.process = subprocess.Popen(
+            [self.python, str(WORKER), self.kind, network, str(size), str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log(network),
+            text=True, env=env, cwd=str(ROOT))
+        reply = self.ask(None, timeout)
+        if reply is not None:
+            self.build_s = reply.get("build_s")
+
+    def _log(self, network: str):
+        logs = ROOT / "benchmarks" / ".cache" / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return open(logs / f"{network}-{self.kind}.log", "w")  # noqa: SIM115
+
+    def ask(self, request: dict[str, Any] | None, timeout: float) -> dict[str, Any] | None:
+        """Send a request (None: just read the greeting); None back if the worker failed."""
+        if self.error or self.process is None:
+            return None
+        try:
+            if request is not None:
+                self.process.stdin.write(json.dumps(request) + "\n")
+                self.process.stdin.flush()
+            ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+            line = self.process.stdout.readline() if ready else ""
+        except (BrokenPipeError, OSError) as exc:
+            line, ready = "", [exc]
+        if not line:
+            why = "timed out" if not ready else f"exited with {self.process.poll()}"
+            self.error = f"{why}; see benchmarks/.cache/logs"
+            self.stop()
+            return None
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+
+
+def contestants(network: str, args: argparse.Namespace) -> list[Contestant]:
+    ours = [OURS] + [f"imvec-{e}" for e in args.engines]
+    if network == "amoebanet_a_n18_f448":  # 1.9 GB of weights: over ONNX's 2 GB protobuf
+        ours = [k for k in ours if k != "imvec-onnxruntime"]
+    peers = [k for k in NETWORKS[network][1] if k.split("-")[0] in args.peers]
+    if args.quick:
+        peers = [k for k in peers if not k.endswith("compiled")]
+    pythons = {"imvec": sys.executable, "keras": args.keras_python, "timm": args.timm_python}
+    found = []
+    for kind in ours + peers:
+        python = pythons[kind.split("-")[0]]
+        c = Contestant(kind, python, env=dict(args.env))
+        if not Path(python).exists():
+            c.error = f"{python} not found (see benchmarks/README.md)"
+        found.append(c)
+    return found
+
+
+# -- one network -------------------------------------------------------------------------
+
+def bench_network(network: str, args: argparse.Namespace) -> dict[str, Any]:
+    size = NETWORKS[network][0]
+    field_ = contestants(network, args)
+    print(f"\n== {network} ({size}x{size}): {', '.join(c.kind for c in field_)}", flush=True)
+    for c in field_:
+        if c.error is None:
+            t = time.perf_counter()
+            c.start(network, size, args.threads, args.timeout)
+            print(f"   {c.kind}: {'ready' if c.error is None else c.error} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+    live = [c for c in field_ if c.error is None]
+    for batch in args.batch_sizes:
+        for c in live:  # warm-up: compilation, weight packing, first allocations
+            reply = c.ask({"cmd": "run", "batch": batch, "iters": 1}, args.timeout)
+            if reply:
+                c.warmup_s[batch] = reply["warmup_s"]
+                c.times[batch] = list(reply["times"])
+                c.cpu_times[batch] = list(reply["cpu_times"])
+        for r in range(args.rounds):
+            order = live[r % len(live):] + live[:r % len(live)] if live else []
+            for c in order:
+                if c.error:
+                    continue
+                last = statistics.median(c.times.get(batch) or [1.0])
+                iters = max(1, min(50, round(args.round_seconds / max(last, 1e-3))))
+                reply = c.ask({"cmd": "run", "batch": batch, "iters": iters}, args.timeout)
+                if reply:
+                    c.times.setdefault(batch, []).extend(reply["times"])
+                    c.cpu_times.setdefault(batch, []).extend(reply["cpu_times"])
+            line = ", ".join(
+                f"{c.kind} {batch / statistics.median(c.times[batch]):.2f} "
+                f"({1e3 * statistics.median(c.cpu_times[batch]) / batch:.1f})"
+                for c in live if c.times.get(batch))
+            print(f"   batch {batch} round {r + 1}/{args.rounds}: img/s (CPU ms/img) {line}",
+                  flush=True)
+    for c in live:
+        c.memory = c.ask({"cmd": "memory"}, 60) or {}
+        c.stop()
+    return {
+        "input_size": size,
+        "results": {c.kind: summarize(c) for c in field_},
+    }
+
+
+def summarize(c: Contestant) -> dict[str, Any]:
+    out: dict[str, Any] = {"error": c.error, "build_s": c.build_s, "memory": c.memory,
+                           "batches": {}}
+    for batch, times in c.times.items():
+        if not times:
+            continue
+        out["batches"][str(batch)] = {
+            "img_s": batch / statistics.median(times),
+            "img_s_best": batch / min(times),
+            "median_s": statistics.median(times),
+            "cpu_s_per_image": statistics.median(c.cpu_times[batch]) / batch,
+            "iterations": len(times),
+            "warmup_s": c.warmup_s.get(batch),
+        }
+    return out
+
+
+# -- analysis ----------------------------------------------------------------------------
+
+def analyse(results: dict[str, Any], peak: float) -> None:
+    """Adds fractions of peak, ratios (imvec / contestant) and the issue's targets."""
+    for network, entry in results["networks"].items():
+        gflops = entry["gflops_per_image"]
+        runs = entry["results"]
+        for data in runs.values():
+            for stats in data["batches"].values():
+                stats["peak_fraction"] = stats["img_s"] * gflops / peak
+        ours = runs.get(OURS, {}).get("batches", {})
+        entry["ratios"] = {
+            batch: {kind: ours[batch]["img_s"] / data["batches"][batch]["img_s"]
+                    for kind, data in runs.items()
+                    if kind != OURS and batch in data["batches"]}
+            for batch in ours
+        }
+        entry["targets"] = targets(network, entry, ours)
+
+
+def targets(network: str, entry: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    if not ours:
+        return {}
+    best_batch = max(ours, key=lambda b: ours[b]["img_s"])
+    ratios = entry["ratios"][best_batch]
+    peers = {k: v for k, v in ratios.items() if not k.startswith("imvec")}
+    checks: dict[str, Any] = {"best_batch": int(best_batch)}
+    if peers:
+        best_peer = min(peers, key=peers.get)
+        checks["ahead_of_best_peer"] = {"peer": best_peer, "ratio": peers[best_peer],
+                                        "met": peers[best_peer] > 1.0}
+    for baseline in ("keras", "timm-eager"):
+        if baseline in peers:
+            checks[f"vs_{baseline}"] = {"ratio": peers[baseline],
+                                        "met": peers[baseline] >= TARGET_VS_BASELINES}
+    if network in LARGE:
+        fraction = ours[best_batch]["peak_fraction"]
+        checks["peak_fraction"] = {"value": fraction, "met": fraction >= TARGET_PEAK}
+    return checks
+
+
+# -- reports -----------------------------------------------------------------------------
+
+def write_chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = results["settings"]["batch_sizes"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 4.5), squeeze=False)
+    networks = list(results["networks"])
+    kinds = sorted({k for e in results["networks"].values() for k in e["results"]},
+                   key=lambda k: (not k.startswith("imvec"), k))
+    width = 0.8 / max(1, len(kinds))
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for i, kind in enumerate(kinds):
+            values = [results["networks"][n]["results"].get(kind, {}).get("batches", {})
+                      .get(str(batch), {}).get("peak_fraction", 0.0) for n in networks]
+            ax.bar([j + i * width for j in range(len(networks))], values, width, label=kind)
+        ax.axhline(TARGET_PEAK, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(networks))])
+        ax.set_xticklabels(networks, rotation=15, fontsize=8)
+        ax.set_ylabel("fraction of fp32 matmul peak")
+        ax.set_title(f"batch {batch}, {results['settings']['threads']} threads")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{results['machine']['cpu']}: peak {results['machine']['peak_gflops']:.0f}"
+                 " GFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
+    m, s = results["machine"], results["settings"]
+    batches = [str(b) for b in s["batch_sizes"]]
+    lines = [
+        "## Speed",
+        "",
+        "`imvec.load(...)` (trainable=False) runs an inference graph built from the faithful "
+        "network: batch norm folded into the convolutions, channels_last, relu and the "
+        "combination adds fused into oneDNN convolutions, each relu computed once. Training, "
+        "`variable_map` and fine-tuning keep the faithful graph. Other engines: "
+        "`engine=\"onnxruntime\"`, `\"compile\"`, `\"faithful\"`.",
+        "",
+        f"Measured by `python benchmarks/bench_models.py` on {m['cpu']} ({m['cores']} cores, "
+        f"{s['threads']} threads), {m['date']}, fp32, random weights. fp32 matmul peak "
+        f"(torch.mm, 4096²): **{m['peak_gflops']:.0f} GFLOP/s**. Load average "
+        f"{m['loadavg_start']:.2f} at the start, {m['loadavg_end']:.2f} at the end"
+        + (" (a shared machine: absolute numbers are low and noisy; the contestants took "
+           "turns, so the ratios are the fair part)." if m["loadavg_start"] > 0.5 * m["cores"]
+           else "."),
+        "",
+        "Ratio = imvec's images/s divided by the contestant's, in the same run (> 1: imvec "
+        "is faster). % peak = images/s × FLOPs per image / matmul peak. Medians over "
+        f"{s['rounds']} rounds. CPU ms/img is the process's CPU time (all its threads) per "
+        "image: on a busy machine it shows the work done where wall time also shows the "
+        "waiting (spinning thread pools count too). Raw numbers: "
+        f"`benchmarks/results/{json_name}`.",
+        "",
+    ]
+    for network, entry in results["networks"].items():
+        lines += [f"### {network} ({entry['input_size']}², "
+                  f"{entry['gflops_per_image']:.2f} GFLOP/image)", ""]
+        head = "| contestant | " + " | ".join(
+            f"img/s b{b} | ratio b{b} | % peak b{b}" for b in batches) + (
+            f" | CPU ms/img b{batches[-1]} | peak RSS |")
+        lines += [head, "|" + "---|" * (3 + 3 * len(batches))]
+        for kind, data in entry["results"].items():
+            cells = []
+            for b in batches:
+                stats = data["batches"].get(b)
+                ratio = 1.0 if kind == OURS else entry["ratios"].get(b, {}).get(kind)
+                cells += [_fmt(stats and stats["img_s"]), _fmt(stats and ratio),
+                          _fmt(stats and 100 * stats["peak_fraction"], ".0f")]
+            last = data["batches"].get(batches[-1])
+            cells.append(_fmt(last and 1e3 * last["cpu_s_per_image"], ".1f"))
+            rss = data.get("memory", {}).get("peak_rss_mb")
+            name = f"**{kind}**" if kind == OURS else kind
+            if data.get("error"):
+                name += f" (failed: {data['error']})"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(rss, '.0f')} MB |")
+        lines.append("")
+    lines += ["### Targets (issue 7), at each network's best batch size", "",
+              "| network | best batch | ahead of best peer | ≥1.5× Keras | ≥1.5× timm eager |"
+              " ≥85% of peak |", "|---|---|---|---|---|---|"]
+    for network, entry in results["networks"].items():
+        t = entry.get("targets", {})
+
+        def cell(key: str, value: str = "ratio", t: dict = t) -> str:
+            if key not in t:
+                return "n/a"
+            v = t[key][value]
+            text = f"{100 * v:.0f}%" if key == "peak_fraction" else f"{v:.2f}×"
+            if key == "ahead_of_best_peer":
+                text += f" ({t[key]['peer']})"
+            return f"{text} {'met' if t[key]['met'] else '**not met**'}"
+
+        lines.append(f"| {network} | {t.get('best_batch', '–')} | {cell('ahead_of_best_peer')}"
+                     f" | {cell('vs_keras')} | {cell('vs_timm-eager')} | "
+                     f"{cell('peak_fraction', 'value')} |")
+    lines += ["", f"![speed](../../benchmarks/results/{chart_name})", "",
+              "Peak RSS is the contestant process's maximum resident memory over the run "
+              "(weights, both batch sizes, and for imvec the faithful and the inference "
+              "graph). Setup of the peers: `benchmarks/README.md`.", ""]
+    return "\n".join(lines)
+
+
+# -- main --------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--networks", default=",".join(NETWORKS),
+                   help=f"comma-separated subset of {', '.join(NETWORKS)}")
+    p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default: 1,16)")
+    p.add_argument("--threads", type=int, default=default_threads,
+                   help="threads for every contestant (default: the CPUs this process may use)")
+    p.add_argument("--rounds", type=int, help="timing rounds per batch size (default 4; 2 quick)")
+    p.add_argument("--round-seconds", type=float, default=2.0,
+                   help="about how long one contestant's turn lasts (default: 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 rounds, batch 16 only, no torch.compile contestants")
+    p.add_argument("--engines", default="onnxruntime",
+                   help="imvec engines besides the default, comma-separated: onnxruntime, "
+                   "compile, faithful (default: onnxruntime)")
+    p.add_argument("--peers", default="keras,timm", help="peer families (default: keras,timm)")
+    p.add_argument("--keras-python", default=str(ROOT / ".venv-tf" / "bin" / "python"))
+    p.add_argument("--timm-python", default=str(ROOT / ".venv-timm" / "bin" / "python"))
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds a worker may take to build or answer (default: 1800)")
+    p.add_argument("--omp-wait-policy", choices=("default", "passive", "active"),
+                   default="default", help="OMP_WAIT_POLICY for every contestant (PyTorch's "
+                   "OpenMP threads; TF and ONNX Runtime have their own pools). 'passive' keeps "
+                   "a shared, busy machine from stalling PyTorch (default: left unset)")
+    p.add_argument("--machine", default=None, help="results name (default: from the CPU)")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/readme/speed.md")
+    args = p.parse_args(argv)
+    args.networks = [n for n in args.networks.split(",") if n]
+    unknown = set(args.networks) - set(NETWORKS)
+    if unknown:
+        p.error(f"unknown network(s) {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
+    args.batch_sizes = [16] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
+    args.rounds = args.rounds or (2 if args.quick else 4)
+    args.engines = [e for e in args.engines.split(",") if e]
+    if args.quick:
+        args.engines = [e for e in args.engines if e != "compile"]
+    args.peers = [p_ for p_ in args.peers.split(",") if p_]
+    args.env = {} if args.omp_wait_policy == "default" else {
+        "OMP_WAIT_POLICY": args.omp_wait_policy.upper()}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    started = time.time()
+    name = args.machine or machine_name()
+    suffix = "-quick" if args.quick else ""
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peaks = [matmul_peak(args.threads)]
+    results: dict[str, Any] = {
+        "machine": {"name": name, "cpu": cpu_model(), "cores": os.cpu_count(),
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(),
+                    "torch": torch.__version__, "loadavg_start": os.getloadavg()[0]},
+        "settings": {"threads": args.threads, "batch_sizes": args.batch_sizes,
+                     "rounds": args.rounds, "round_seconds": args.round_seconds,
+                     "quick": args.quick, "dtype": "float32", "weights": "random",
+                     "omp_wait_policy": args.omp_wait_policy},
+        "networks": {},
+    }
+    print(f"{results['machine']['cpu']}, {args.threads} threads: matmul peak "
+          f"{peaks[0]:.0f} GFLOP/s, load {results['machine']['loadavg_start']:.2f}", flush=True)
+    for network in args.networks:
+        size = NETWORKS[network][0]
+        entry = bench_network(network, args)
+        entry["gflops_per_image"] = flops_per_image(network, size) / 1e9
+        entry["loadavg_end"] = os.getloadavg()[0]
+        results["networks"][network] = entry
+        peaks.append(matmul_peak(args.threads))
+    results["machine"].update(peak_gflops=max(peaks), peak_samples=peaks,
+                              loadavg_end=os.getloadavg()[0],
+                              duration_min=(time.time() - started) / 60)
+    analyse(results, max(peaks))
+    json_path = out_dir / f"{name}{suffix}.json"
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    chart = out_dir / f"{name}{suffix}.png"
+    try:
+        write_chart(results, chart)
+    except ImportError:
+        print("matplotlib missing: no chart (pip install 'imvec[bench]')", file=sys.stderr)
+    text = markdown(results, json_path.name, chart.name)
+    if not (args.quick or args.no_docs):
+        (ROOT / "docs" / "readme").mkdir(parents=True, exist_ok=True)
+        (ROOT / "docs" / "readme" / "speed.md").write_text(text)
+    print("\n" + text)
+    print(f"wrote {json_path} and {chart} in {results['machine']['duration_min']:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

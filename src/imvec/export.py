@@ -1,0 +1,167 @@
+"""Export to ONNX and TorchScript, and the ONNX Runtime engine.
+
+What is exported is the inference graph (:mod:`imvec.nets.fast`: BN folded, each relu
+once) written with standard ops only (:func:`imvec.nets.fusion.portable_ops`), so any
+ONNX runtime or PyTorch build runs it. A module exports with TF-Hub's contract: input
+``images`` ``[batch, height, width, 3]`` float32 in [0, 1], output ``default``
+(features, or logits for a classification module). The batch is dynamic, and so are
+height and width where the card allows other sizes (MobileNet V1).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imvec.nets.fast import fast_network
+from imvec.nets.fusion import portable_ops
+
+__all__ = ["FORMATS", "OnnxRuntimeNet", "export", "onnxruntime_session"]
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 18
+_INSTALL = "pip install 'imvec[onnx]' (onnx, onnxscript, onnxruntime)"
+
+
+class _HubGraph(nn.Module):
+    """TF-Hub's calling convention around an inference graph: NHWC [0, 1] in."""
+
+    def __init__(self, fast: nn.Module, pre_logits: bool) -> None:
+        super().__init__()
+        self.fast, self.pre_logits = fast, pre_logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fast((images * 2.0 - 1.0).permute(0, 3, 1, 2), None, self.pre_logits)
+
+
+class _NetGraph(nn.Module):
+    """The plain network's convention: NCHW in the network's range."""
+
+    def __init__(self, fast: nn.Module, pre_logits: bool) -> None:
+        super().__init__()
+        self.fast, self.pre_logits = fast, pre_logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fast(x, None, self.pre_logits)
+
+
+def _graph(model: nn.Module) -> tuple[nn.Module, tuple[int, int], bool, str]:
+    """(graph to export, example size, variable size?, input name) of a Module or a net."""
+    from imvec.module import Module
+
+    if isinstance(model, Module):
+        card = model.card
+        pre_logits = card.variant == "feature_vector"
+        graph = _HubGraph(fast_network(model.net), pre_logits)
+        return graph, card.input_size, card.variable_input_size, "images"
+    from imvec.nets.mobilenet_v1 import MobileNetV1
+
+    variable = isinstance(model, MobileNetV1)
+    return _NetGraph(fast_network(model), False), (224, 224), variable, "x"
+
+
+def _example(graph_input: str, size: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    h, w = size
+    if graph_input == "images":
+        return torch.rand(batch, h, w, 3)
+    return torch.rand(batch, 3, h, w) * 2 - 1
+
+
+def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", *,
+           input_size: tuple[int, int] | None = None, opset: int = ONNX_OPSET) -> Path:
+    """Write ``model`` (an :class:`imvec.Module`, or a plain network) to ``path``.
+
+    ``input_size`` is the (height, width) the graph is traced at; it defaults to the
+    card's (224x224 for a plain network). Batch is always dynamic; height and width are
+    too for MobileNet V1. A plain network exports ``x`` (NCHW, its own range) -> its
+    output (logits if it has a classifier).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    graph, size, variable, name = _graph(model)
+    size = tuple(input_size or size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = _example(name, size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.no_grad(), portable_ops(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not our user's
+        if format == "onnx":
+            _export_onnx(graph, example, name, variable, tmp, opset)
+        else:
+            traced = torch.jit.trace(graph, example, check_trace=False)
+            torch.jit.save(traced, str(tmp))
+    os.replace(tmp, path)  # a half-written file never takes the final name
+    return path
+
+
+def _export_onnx(graph: nn.Module, example: torch.Tensor, name: str, variable: bool,
+                 path: Path, opset: int) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnxscript: {_INSTALL}") from e
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if variable:
+        hw = (1, 2) if name == "images" else (2, 3)
+        dims[hw[0]] = torch.export.Dim("height", min=32, max=4096)
+        dims[hw[1]] = torch.export.Dim("width", min=32, max=4096)
+    program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[name],
+                                output_names=["default"], dynamic_shapes=({**dims},),
+                                opset_version=opset, optimize=True, verbose=False)
+    program.save(str(path))
+
+
+def onnxruntime_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with all graph optimizations and ``threads`` intra-op
+    threads (default: PyTorch's thread count, i.e. the physical cores)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(f"the onnxruntime engine needs {_INSTALL}") from e
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntimeNet:
+    """A plain network run by ONNX Runtime: ``engine(x, end_points=None, pre_logits=False)``
+    with ``x`` NCHW in the network's range, as the fast graph takes it.
+
+    Exports the network once per output kind (features / logits) and image size, with a
+    dynamic batch but a fixed size, so that ONNX Runtime sees constant paddings it can fold
+    into its convolutions. End points are not available.
+    """
+
+    def __init__(self, net: nn.Module, threads: int | None = None) -> None:
+        self.net, self.threads = net, threads
+        self._sessions: dict[tuple[bool, int, int], Any] = {}
+
+    def _session(self, pre_logits: bool, size: tuple[int, int]) -> Any:
+        key = (pre_logits, *size)
+        if key not in self._sessions:
+            graph = _NetGraph(fast_network(self.net), pre_logits)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "net.onnx"
+                with torch.no_grad(), portable_ops():
+                    _export_onnx(graph, _example("x", size), "x", False, path, ONNX_OPSET)
+                self._sessions[key] = onnxruntime_session(path, self.threads)
+        return self._sessions[key]
+
+    def __call__(self, x: torch.Tensor, end_points: dict | None = None,
+                 pre_logits: bool = False) -> torch.Tensor:
+        if end_points is not None:
+            raise ValueError("the onnxruntime engine returns no end points; use engine='fast'")
+        session = self._session(pre_logits, (int(x.shape[-2]), int(x.shape[-1])))
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        (out,) = session.run(None, {"x": array})
+        return torch.from_numpy(out)

@@ -1,0 +1,114 @@
+"""What an extraction job is (inputs, model, output, preprocessing, engine) and what it did."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imvec.data.decode import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from imvec.module import Module
+
+__all__ = ["DEFAULT_BATCH_SIZES", "FORMATS", "ExtractJob", "ExtractResult", "default_batch_size"]
+
+FORMATS = ("parquet", "npy")
+ENGINES = ("local", "ray")
+# Images per forward pass, by network, measured on 2 CPU cores (benchmarks/bench_extract.py):
+# the 331px networks run faster per image in small batches on a CPU.
+DEFAULT_BATCH_SIZES = {"mobilenet_v1": 32, "nasnet_mobile": 16, "nasnet_large": 4,
+                       "pnasnet_large": 4, "amoebanet_a": 4}
+
+
+def default_batch_size(network: str, device: str = "cpu") -> int:
+    if device.startswith("cuda"):
+        return 64
+    return DEFAULT_BATCH_SIZES.get(network, 8)
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """One ``imvec extract`` run.
+
+    ``model``: anything :func:`imvec.load` accepts, or a loaded :class:`imvec.Module`.
+    ``output``: ``.parquet`` (or ``.npy`` with ``format="npy"``; the suffix decides when
+    ``format`` is None). ``size``: input size for variable-size modules (default: the card's).
+    ``crop``: central fraction kept before resizing (``0.875`` = Inception style).
+    ``commit_every``: images per committed part; a crash loses at most that much work.
+    """
+
+    inputs: tuple[str, ...]
+    model: str | os.PathLike | Module
+    output: str | os.PathLike
+    format: str | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    size: int | None = None
+    crop: float | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    path_column: str = "path"
+    engine: str = "local"
+    address: str | None = None
+    actors: int | None = None
+    device: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    commit_every: int = 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str | os.PathLike):
+            object.__setattr__(self, "inputs", (os.fspath(self.inputs),))
+        object.__setattr__(self, "inputs", tuple(os.fspath(i) for i in self.inputs))
+        suffix = Path(self.output).suffix.lower()
+        fmt = self.format or ("npy" if suffix == ".npy" else "parquet")
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+        if suffix in (".npy", ".parquet") and suffix != f".{fmt}":
+            raise ValueError(f"output {self.output} ends in {suffix} but the format is {fmt}; "
+                             f"name it *.{fmt} or drop --format")
+        object.__setattr__(self, "format", fmt)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        for name in ("batch_size", "workers", "size", "actors"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1; got {value}")
+        if self.commit_every < 1:
+            raise ValueError(f"commit_every must be at least 1; got {self.commit_every}")
+        if self.crop is not None and not 0.0 < self.crop <= 1.0:
+            raise ValueError(f"crop must be a fraction in (0, 1], e.g. 0.875; got {self.crop}")
+        if self.address is not None and self.engine != "ray":
+            raise ValueError("address names a Ray cluster; use it with engine='ray'")
+
+
+@dataclass
+class ExtractResult:
+    """What a run did. ``ok + failed == total``; ``computed`` of them in this run."""
+
+    output: Path
+    errors: Path
+    total: int
+    ok: int
+    failed: int
+    computed: int
+    seconds: float
+    resumed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """The one line the CLI prints at the end."""
+        failed = f", {self.failed} failed -> {self.errors}" if self.failed else ", 0 failed"
+        line = f"{self.total} images -> {self.output} ({self.ok} ok{failed})"
+        if self.computed:
+            line += (f"; {self.computed} computed in {self.seconds:.1f} s "
+                     f"({self.images_per_second:.1f} images/s)")
+        done_before = self.total - self.computed
+        if done_before:
+            line += f"; {done_before} done by an earlier run"
+        return line

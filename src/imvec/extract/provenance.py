@@ -1,0 +1,101 @@
+"""Where features came from: the model, its weights' sha256 and the preprocessing.
+
+This record goes into the output's metadata and into the work folder of an unfinished run;
+a resumed run must produce the same record, or it would mix incompatible vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import imvec
+from imvec.data.preprocess import Preprocessing
+from imvec.errors import InputError
+from imvec.module import Module
+from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
+
+__all__ = ["FEATURES_FORMAT", "describe", "differences", "load_module", "preprocessing_for",
+           "weights_sha256"]
+
+FEATURES_FORMAT = "imvec-features/1"
+# Keys whose change makes old and new vectors incomparable (the model's file path may move).
+_COMPARED = ("handle", "network", "hparams", "variant", "num_features", "weights_sha256")
+
+
+def load_module(model: Any) -> Module:
+    return model if isinstance(model, Module) else imvec.load(model)
+
+
+def weights_sha256(module: Module) -> str:
+    """The converted file's recorded source sha256, else the file's own sha256, else (random
+    or in-memory weights) the sha256 of the parameters and buffers."""
+    source = Path(str(module.source))
+    if source.suffix == ".safetensors" and source.is_file():
+        from imvec.weights.convert import read_metadata, sha256_of_files
+
+        recorded = read_metadata(source).get("source_sha256")
+        return recorded or sha256_of_files([source])
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def preprocessing_for(module: Module, size: int | None, crop: float | None,
+                      max_pixels: int | None) -> Preprocessing:
+    """The module's own input size, or ``size`` for a variable-size module."""
+    expected = imvec.get_expected_image_size(module)
+    if size is not None and (size, size) != tuple(expected):
+        if not module.card.variable_input_size:
+            raise InputError(f"{module.card.handle} takes {expected[0]}x{expected[1]} images "
+                             f"only; drop --size {size}")
+        if size < MIN_INPUT_SIZE:
+            raise InputError(f"{module.card.handle} needs images of at least "
+                             f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}; got --size {size}")
+        expected = (size, size)
+    return Preprocessing(tuple(expected), crop, max_pixels)
+
+
+def describe(module: Module, preprocessing: Preprocessing, output_format: str) -> dict:
+    """The JSON-ready provenance record."""
+    card = module.card
+    return {
+        "format": FEATURES_FORMAT,
+        "output_format": output_format,
+        "model": {
+            "handle": card.handle,
+            "source": str(module.source),
+            "network": card.network,
+            "hparams": json.loads(json.dumps(module.hparams, sort_keys=True)),
+            "variant": card.variant,
+            "num_features": int(module.num_features) if card.variant == "feature_vector"
+            else int(card.num_classes or 0),
+            "weights_sha256": weights_sha256(module),
+        },
+        "preprocessing": preprocessing.describe(),
+        "imvec_version": imvec.__version__,
+    }
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Human-readable reasons why vectors made under ``old`` cannot join those of ``new``."""
+    reasons = []
+    for key in _COMPARED:
+        a, b = old.get("model", {}).get(key), new["model"].get(key)
+        if a != b:
+            reasons.append(f"model {key} was {a!r}, now {b!r}")
+    old_pre, new_pre = old.get("preprocessing", {}), new["preprocessing"]
+    for key in sorted(set(old_pre) | set(new_pre)):
+        if old_pre.get(key) != new_pre.get(key):
+            reasons.append(f"preprocessing {key} was {old_pre.get(key)!r}, "
+                           f"now {new_pre.get(key)!r}")
+    if old.get("output_format") != new["output_format"]:
+        reasons.append(f"output format was {old.get('output_format')!r}, "
+                       f"now {new['output_format']!r}")
+    if old.get("format") != new["format"]:
+        reasons.append(f"record format was {old.get('format')!r}, now {new['format']!r}")
+    return reasons

@@ -1,0 +1,166 @@
+"""How a module runs at inference: its engine, built once, separate from the faithful net.
+
+Engines (``imvec.load(..., engine=...)``):
+
+``"fast"`` (the default with ``trainable=False``)
+    :func:`imvec.nets.fast.fast_network`: BN folded into the convolutions, channels_last,
+    relu and adds fused into oneDNN convolutions, each relu computed once. Same outputs
+    as the faithful graph to ~1e-6 relative.
+``"compile"``
+    The fast graph under ``torch.compile`` (needs a C++ compiler; the first call
+    compiles for minutes on the large networks).
+``"onnxruntime"``
+    The fast graph exported to ONNX and run by ONNX Runtime (``pip install imvec[onnx]``).
+    Measured on a 2-core CPU it is slower than ``"fast"`` at batch 16 and faster at
+    batch 1 on the small networks; see docs/readme/speed.md.
+``"faithful"``
+    The training graph in eval mode: the reference, and what ``trainable=True`` always runs.
+
+The faithful network is never changed: ``variable_map``, ``state_dict`` and fine-tuning see
+the original, unfolded variables. A built engine is dropped (and rebuilt on the next call)
+when the faithful weights change, e.g. after ``load_state_dict`` or ``.to()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from imvec.nets.fast import fast_network
+
+__all__ = ["ENGINES", "InferenceGraph", "optimize", "tune_allocator"]
+
+ENGINES = ("auto", "fast", "compile", "onnxruntime", "faithful")
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_ALLOCATOR_TUNED = [False]
+
+
+def tune_allocator(enable: bool = True) -> bool:
+    """Keep freed activation memory in the process (glibc malloc) instead of returning it.
+
+    glibc serves blocks above 32 MB with a fresh ``mmap`` and unmaps them on free, so every
+    large activation (a batch-16 NASNet-large cell output is ~115 MB) is page-faulted in
+    again on the next call; that cost 5-9x the copy itself for such tensors here. With
+    mmap off and trimming raised, freed blocks are reused. The price: the process keeps
+    its peak memory. Process-wide; a no-op off glibc. ``IMVEC_MALLOC_TUNING=0`` disables
+    the automatic call made when the first fast engine is built.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if enable:
+        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    else:  # glibc's defaults
+        ok = libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    _ALLOCATOR_TUNED[0] = bool(ok) and enable
+    return bool(ok)
+
+
+def _auto_tune_allocator() -> None:
+    if not _ALLOCATOR_TUNED[0] and os.environ.get("IMVEC_MALLOC_TUNING", "1") != "0":
+        tune_allocator(True)
+
+
+def check_engine(engine: str | None, trainable: bool) -> str:
+    """The engine a module runs, with a clear error for impossible combinations."""
+    engine = engine or "auto"
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if trainable and engine not in ("auto", "faithful"):
+        raise ValueError(f"engine={engine!r} is an inference engine, built from a snapshot of "
+                         "the weights; a trainable module runs the faithful graph. Load with "
+                         "trainable=False to use it.")
+    if engine == "auto":
+        return "faithful" if trainable else "fast"
+    return engine
+
+
+def _build(net: nn.Module, engine: str) -> Callable[..., torch.Tensor]:
+    if engine == "onnxruntime":
+        from imvec.export import OnnxRuntimeNet
+
+        return OnnxRuntimeNet(net)
+    _auto_tune_allocator()
+    fast = fast_network(net)
+    if engine == "compile":
+        return torch.compile(fast, dynamic=False)
+    return fast
+
+
+class InferenceGraph:
+    """A module's inference engine, built from the faithful net on first use.
+
+    Not an ``nn.Module`` on purpose: it must not appear in ``state_dict`` or
+    ``parameters`` of the module that owns it.
+    """
+
+    def __init__(self, net: nn.Module, engine: str = "fast") -> None:
+        self.net, self.engine = net, engine
+        self._built: Callable[..., torch.Tensor] | None = None
+        self._stamp: tuple | None = None
+        self._fast: nn.Module | None = None  # end points under the onnxruntime engine
+        self._tensors: list[torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # built engines hold sessions / compiled code
+        return {**self.__dict__, "_built": None, "_stamp": None, "_fast": None,
+                "_tensors": None}
+
+    def _weights_stamp(self) -> tuple[int, int]:
+        """Changes when a weight is written in place (its version counter) or replaced
+        (its storage): 0.3 ms for NASNet-large's 1808 tensors."""
+        if self._tensors is None:
+            self._tensors = [*self.net.parameters(), *self.net.buffers()]
+        return (sum(t._version for t in self._tensors),
+                sum(t.data_ptr() for t in self._tensors))
+
+    def reset(self) -> None:
+        """Forget the built engine (it is rebuilt on the next call)."""
+        self._built = self._stamp = self._fast = self._tensors = None
+
+    def get(self, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        """The engine for this input, or None where the faithful graph must run: the
+        "faithful" engine, or a caller who wants gradients with respect to the images."""
+        if self.engine == "faithful" or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        stamp = self._weights_stamp()
+        if self._built is None or stamp != self._stamp:
+            self._built, self._stamp, self._fast = _build(self.net, self.engine), stamp, None
+        return self._built
+
+    def __call__(self, x: torch.Tensor, end_points: dict[str, torch.Tensor] | None = None,
+                 pre_logits: bool = False) -> torch.Tensor:
+        """``net``'s output for NCHW ``x`` (and its end points) through the engine."""
+        engine = self.get(x)
+        if engine is None:
+            features = self.net.forward_features(x, end_points)
+            return self.net.forward_head(features, pre_logits=pre_logits)
+        if end_points is not None and self.engine == "onnxruntime":  # ORT gives no maps
+            if self._fast is None:
+                self._fast = fast_network(self.net)
+            engine = self._fast
+        with torch.no_grad():
+            return engine(x, end_points, pre_logits)
+
+
+def optimize(net: nn.Module, engine: str = "fast") -> nn.Module:
+    """The inference version of a plain network from :func:`imvec.create_model`.
+
+    ``optimize(net)(x)`` equals ``net.eval()(x)`` (NCHW in the network's range); the
+    result is a new module and ``net`` is not changed. ``engine`` is "fast" or "compile".
+    """
+    if engine not in ("fast", "compile"):
+        raise ValueError(f"optimize() builds the 'fast' or 'compile' engine, got {engine!r}; "
+                         "for ONNX Runtime use imvec.export.OnnxRuntimeNet(net)")
+    _auto_tune_allocator()
+    fast = fast_network(net)
+    return torch.compile(fast, dynamic=False) if engine == "compile" else fast

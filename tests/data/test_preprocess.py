@@ -1,0 +1,46 @@
+"""Preprocessing: decode -> crop -> resize -> [0, 1], checked with independent arithmetic."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from sample_images import pattern, save
+
+from imvec.data.decode import ImageDecodeError
+from imvec.data.preprocess import Preprocessing
+
+
+def test_halving_a_png_is_the_block_mean_over_255(tmp_path):
+    rgb = pattern(64, 96, seed=4)
+    path = save(rgb, tmp_path / "a.png")
+    out = Preprocessing((32, 48))(path)
+    expected = rgb.reshape(32, 2, 48, 2, 3).astype(np.float64).mean(axis=(1, 3)) / 255
+    assert out.dtype == np.float32 and out.shape == (32, 48, 3)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_crop_then_resize(tmp_path):
+    rgb = pattern(64, 64, seed=5)
+    path = save(rgb, tmp_path / "a.png")
+    # 0.875 of 64: offset int(8 / 2) = 4 on each side -> 56x56, then halved to 28x28.
+    out = Preprocessing((28, 28), crop=0.875)(path)
+    inner = rgb[4:60, 4:60].reshape(28, 2, 28, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    np.testing.assert_allclose(out, inner / 255, atol=1e-6)
+
+
+def test_values_stay_in_unit_range(tmp_path):
+    path = save(np.full((9, 7, 3), 255, np.uint8), tmp_path / "white.png")
+    out = Preprocessing((31, 5))(path)
+    assert out.min() == out.max() == 1.0
+
+
+def test_describe_and_validation(tmp_path):
+    record = Preprocessing((160, 160), 0.875, 1000).describe()
+    assert record["size"] == [160, 160] and record["crop"] == 0.875
+    assert record["max_pixels"] == 1000 and "half-pixel" in record["resize"]
+    with pytest.raises(ValueError, match="crop must be"):
+        Preprocessing((8, 8), crop=0)
+    with pytest.raises(ValueError, match="max_pixels"):
+        Preprocessing((8, 8), max_pixels=0)
+    Image.new("RGB", (50, 50)).save(tmp_path / "b.png")
+    with pytest.raises(ImageDecodeError, match="exceeds the limit of 100"):
+        Preprocessing((8, 8), max_pixels=100)(tmp_path / "b.png")

@@ -1,0 +1,101 @@
+"""ONNX / TorchScript export and the onnxruntime engine, checked against TF's outputs."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES, assert_close
+
+import imvec
+from imvec.cli import main
+from imvec.export import export
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def tf_case(name):
+    return np.load(FIXTURES / name / "inputs.npy"), np.load(FIXTURES / name / "expected.npz")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{(fixture, format): file} written by `imvec export`, once per module."""
+    from conftest import TF_FIXTURES  # noqa: F401  (the converted fixture needs conftest)
+
+    cache = {}
+
+    def get(path, fmt, variant=None):
+        key = (str(path), fmt, variant)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("export") / f"model.{fmt}"
+            args = ["export", str(path), "--format", fmt, "-o", str(out)]
+            assert main(args + (["--variant", variant] if variant else [])) == 0
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def run_onnx(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    return session.run(["default"], {"images": images.astype(np.float32)})[0]
+
+
+def run_torchscript(path, images):
+    graph = torch.jit.load(str(path))
+    with torch.no_grad():
+        return graph(torch.from_numpy(images)).numpy()
+
+
+RUNNERS = {"onnx": run_onnx, "torchscript": run_torchscript}
+
+
+@pytest.mark.parametrize("fmt", list(RUNNERS))
+def test_nasnet_export_matches_tf_at_any_batch(fmt, converted, exported):
+    images, expected = tf_case("nasnet_mobile_small")
+    path = exported(converted("nasnet_mobile_small"), fmt, "classification")
+    assert not list(path.parent.glob(".*.tmp"))
+    assert_close(f"{fmt} logits", RUNNERS[fmt](path, images), expected["logits"])
+    assert_close(f"{fmt} logits batch 1", RUNNERS[fmt](path, images[1:]), expected["logits"][1:])
+    tripled = np.concatenate([images, images[:1]])
+    assert RUNNERS[fmt](path, tripled).shape == (3, 1001)
+
+
+@pytest.mark.parametrize("fmt", list(RUNNERS))
+def test_mobilenet_export_takes_any_size(fmt, converted, exported):
+    path = exported(converted("mobilenet_v1_025_128"), fmt)
+    for name in ("mobilenet_v1_025_128", "mobilenet_v1_025_128_at192"):
+        images, expected = tf_case(name)
+        assert_close(f"{fmt} {name}", RUNNERS[fmt](path, images), expected["features"])
+    odd = np.random.default_rng(0).random((2, 97, 131, 3), dtype=np.float32)
+    module = imvec.load(converted("mobilenet_v1_025_128"), engine="faithful")
+    assert_close(f"{fmt} 97x131", RUNNERS[fmt](path, odd), module(odd).numpy())
+
+
+def test_onnxruntime_engine_matches_tf(converted):
+    images, expected = tf_case("nasnet_mobile_small")
+    module = imvec.load(converted("nasnet_mobile_small"), engine="onnxruntime")
+    assert_close("ort features", module(images).numpy(), expected["features"])
+    outputs = module(images, as_dict=True)  # end points come from the fast torch graph
+    assert_close("ort Stem", outputs["Stem"].numpy(), expected["end_points/Stem"])
+    classifier = imvec.load(converted("nasnet_mobile_small"), variant="classification",
+                            engine="onnxruntime")
+    assert_close("ort logits", classifier(images).numpy(), expected["logits"])
+
+
+def test_plain_network_export(tmp_path):
+    net = imvec.create_model("mobilenet_v1", depth_multiplier=0.25).eval()
+    path = export(net, tmp_path / "net.onnx", input_size=(64, 64))
+    x = torch.rand(3, 3, 80, 72) * 2 - 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert_close("plain net", session.run(None, {"x": x.numpy()})[0], net(x).numpy())
+
+
+def test_bad_format_is_named(tmp_path, converted, capsys):
+    module = imvec.load(converted("mobilenet_v1_025_128"))
+    with pytest.raises(ValueError, match="'tflite'.*onnx, torchscript"):
+        export(module, tmp_path / "x.tflite", "tflite")
+    assert main(["export", "no_such_model", "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "imvec export: error:" in capsys.readouterr().err
