@@ -5,6 +5,7 @@ the model, then answers JSON lines on stdin:
 
     {"cmd": "run", "batch": 16, "iters": 3}  ->  {"times": [s, ...], "cpu_times": [s, ...]}
     {"cmd": "memory"}                          ->  {"rss_mb": ..., "peak_rss_mb": ...}
+    {"cmd": "trim"}                            ->  {"rss_mb": ...}  (malloc_trim)
     {"cmd": "quit"}
 
 Only the protocol goes to stdout; anything the libraries print goes to stderr. KIND is one of
@@ -164,7 +165,16 @@ def main() -> None:
         request = json.loads(line)
         if request["cmd"] == "quit":
             break
-        if request["cmd"] == "memory":
+        if request["cmd"] == "trim":  # hand freed activation memory back to the OS
+            import contextlib
+            import ctypes
+            import gc
+
+            gc.collect()
+            with contextlib.suppress(OSError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            reply = {"rss_mb": _rss_mb()}
+        elif request["cmd"] == "memory":
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             reply = {"rss_mb": _rss_mb(), "rss_loaded_mb": rss_loaded, "peak_rss_mb": peak}
         else:
@@ -175,6 +185,8 @@ def main() -> None:
                 run(batch)
                 warm_s = time.perf_counter() - t
                 warmed.add(batch)
+            for _ in range(request.get("warm", 0)):  # untimed, e.g. after a trim
+                run(batch)
             times, cpu = [], []
             for _ in range(request["iters"]):
                 c, t = time.process_time(), time.perf_counter()

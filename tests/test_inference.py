@@ -97,11 +97,13 @@ FULL_SIZE = [
 @pytest.mark.parametrize("name,size", FULL_SIZE)
 def test_full_size_networks_equal_the_faithful_graph(name, size):
     """Every cell of the full-size networks (random weights and BN statistics), at an
-    odd and an even input size: logits, features and all end points."""
+    odd and an even input size (one size for the two largest): logits, features and all
+    end points."""
     torch.manual_seed(0)
     net = _randomize_batch_norms(imvec.create_model(name, num_classes=1001))
     fast = optimize(net)
-    for s in (size, size + 1):
+    sizes = (size,) if name in ("nasnet_large", "amoebanet_a_n18_f448") else (size, size + 1)
+    for s in sizes:
         x = torch.rand(2, 3, s, s) * 2 - 1
         ours, theirs = {}, {}
         with torch.no_grad():
@@ -228,3 +230,27 @@ def test_fold_batch_norm_by_hand():
     half, half_bias = fusion.fold_batch_norm(weight[1:], None, bn, slice(1, 2))
     torch.testing.assert_close(half.flatten(), torch.tensor([1.0]))
     torch.testing.assert_close(half_bias, torch.tensor([-3.0]))
+
+
+@pytest.mark.heavy
+def test_compile_engine_matches_tf(converted):
+    """engine="compile": the fast graph in standard ops under torch.compile (Inductor)."""
+    name = "mobilenet_v1_025_128"
+    expected = np.load(FIXTURES / name / "expected.npz")
+    module = imvec.load(converted(name), engine="compile")
+    assert_close("compiled features", module(fixture_inputs(name)).numpy(),
+                 expected["features"])
+
+
+def test_portable_graph_has_no_onednn_ops(converted):
+    """What export and torch.compile see: standard ops, the same numbers."""
+    name = "nasnet_mobile_small"
+    expected = np.load(FIXTURES / name / "expected.npz")
+    module = imvec.load(converted(name))
+    portable = fast_network(module.net, portable=True)
+    x = torch.from_numpy(fixture_inputs(name)).permute(0, 3, 1, 2) * 2 - 1
+    with torch.no_grad():
+        graph = torch.jit.trace(lambda t: portable(t, None, True), x, check_trace=False)
+    kinds = {node.kind() for node in graph.graph.nodes()}
+    assert not any(kind.startswith("mkldnn::") for kind in kinds)
+    assert_close("portable features", graph(x).numpy(), expected["features"])

@@ -90,15 +90,19 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", *,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _example(name, size)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad(), portable_ops(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not our user's
-        if format == "onnx":
-            _export_onnx(graph, example, name, variable, tmp, opset)
-        else:
-            traced = torch.jit.trace(graph, example, check_trace=False)
-            torch.jit.save(traced, str(tmp))
-    os.replace(tmp, path)  # a half-written file never takes the final name
+    # Written in a scratch folder beside the target, then moved: a half-written file never
+    # takes the final name, and ONNX's external-data file (models over 2 GB) moves along.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        tmp = Path(scratch) / path.name
+        with torch.no_grad(), portable_ops(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation chatter
+            if format == "onnx":
+                _export_onnx(graph, example, name, variable, tmp, opset)
+            else:
+                traced = torch.jit.trace(graph, example, check_trace=False)
+                torch.jit.save(traced, str(tmp))
+        for produced in Path(scratch).iterdir():
+            os.replace(produced, path.parent / produced.name)
     return path
 
 

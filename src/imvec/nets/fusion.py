@@ -25,6 +25,7 @@ __all__ = [
     "FusedConv",
     "fold_batch_norm",
     "fused_conv2d",
+    "is_portable",
     "mkldnn_fusion_available",
     "portable_ops",
 ]
@@ -77,6 +78,11 @@ def portable_ops() -> Iterator[None]:
         yield
     finally:
         _PORTABLE[0] = saved
+
+
+def is_portable() -> bool:
+    """Inside :func:`portable_ops`."""
+    return _PORTABLE[0]
 
 
 def _use_mkldnn(x: torch.Tensor, add: torch.Tensor | None) -> bool:
