@@ -1,4 +1,4 @@
-"""docs/readme/extraction.md stays true: its commands parse, its SQL and Python run."""
+"""The README's extraction section stays true: its commands parse, its SQL and Python run."""
 
 import re
 import shlex
@@ -10,11 +10,19 @@ from extract_helpers import make_folder, random_mobilenet
 from imvec.cli import build_parser
 from imvec.extract import ExtractJob, run
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "readme" / "extraction.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
+SECTION = "## Extracting features from an image collection"
+
+
+def section() -> str:
+    text = README.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start:end if end != -1 else None]
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), re.S)
+    return re.findall(rf"```{language}\n(.*?)```", section(), re.S)
 
 
 def test_every_imvec_command_in_the_doc_parses():
