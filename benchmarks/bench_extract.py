@@ -7,8 +7,9 @@ For each network, on a folder of generated photo-like JPEGs (500x375, quality 90
 - model-only: images/s of the module on ready tensors, torch using every core, at the
   batch size that is fastest (measured here first, from a sweep);
 - decode-only: images/s of decode + resize in the worker pool, one worker per core;
-- end-to-end: images/s of ``imvec.extract.run`` on the folder (listing, decoding, model,
-  committing parts, assembling the Parquet file);
+- end-to-end: images/s of ``imvec.extract.run`` on the folder in a fresh process, as
+  ``imvec extract`` runs (listing, worker start, decoding, the model with its first-batch
+  warm-up, committing parts, assembling the Parquet file);
 - bound: ``1 / (1/model + 1/decode)``, the rate the two allow when they share the cores.
   The goal is end-to-end >= 0.9 x bound.
 
@@ -16,8 +17,8 @@ On a shared machine each measurement also records how many cores the *other* pro
 used meanwhile (from /proc/stat); only measurements where they used under 0.15 cores
 count (each try waits, sleeping, for the cores to go idle first; repeated until two are
 clean, at most 12 tries), so the rates are those of cores this job had to itself.
-``--niceness-too`` also measures end-to-end with the decoding workers at normal priority,
-to show what lowering their priority buys.
+``--overlap-too`` also measures end-to-end with decoding overlapping the model (the GPU
+mode) instead of taking turns with it (the CPU default), to show why turns are the default.
 
 Also compares the decoders on one core: OpenCV (what imvec uses for JPEG) and Pillow,
 each decoding + resizing to the network's size. Random weights (``pretrained=False``):
@@ -28,11 +29,13 @@ markdown table. Timings on a shared machine are noisy: the load average is recor
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -196,26 +199,35 @@ def decoder_comparison(paths, size) -> dict:
         ("pillow_decode_only", pillow_decode_only)]}
 
 
-def end_to_end_rate(module, folder: Path, out: Path, batch: int,
-                    niceness: int) -> tuple[float, float]:
+def end_to_end_rate(name: str, folder: Path, out: Path, batch: int,
+                    overlap: bool | None = None) -> tuple[float, float]:
+    """``imvec.extract.run`` on the folder in a fresh process, as ``imvec extract`` runs
+    (first-batch warm-up included, nothing inherited from the measurements before).
+    ``overlap`` forces the local engine to decode while the model runs (True) or to take
+    turns (False) instead of its default."""
+    command = [sys.executable, __file__, "--end-to-end", name, str(folder), str(out),
+               str(batch), str(overlap)]
+    with Measure() as measure:
+        answer = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(answer.stdout.split()[-1]), measure.others
+
+
+def end_to_end_child(name: str, folder: str, out: str, batch: str, overlap: str) -> None:
     from imvec.extract import pipeline
 
-    saved, pipeline.WORKER_NICENESS = pipeline.WORKER_NICENESS, niceness
-    try:
-        with Measure() as measure:
-            result = run(ExtractJob((str(folder),), module, out, batch_size=batch,
-                                    progress=False, overwrite=True))
-        return result.total / measure.wall, measure.others
-    finally:
-        pipeline.WORKER_NICENESS = saved
+    if overlap != "None":
+        pipeline.run_local = functools.partial(pipeline.run_local, overlap=overlap == "True")
+    module = imvec.load(name, pretrained=False)
+    start = time.perf_counter()
+    result = run(ExtractJob((folder,), module, out, batch_size=int(batch), progress=False,
+                            overwrite=True))
+    print(result.total / (time.perf_counter() - start))
 
 
 def bench_network(name: str, folder: Path, out: Path, seconds: float,
-                  niceness_too: bool) -> dict:
+                  overlap_too: bool) -> dict:
     """Each rate from clean measurements only (see ``quiet``), taken one after the other
     on the same cores."""
-    from imvec.extract.pipeline import WORKER_NICENESS
-
     module = imvec.load(name, pretrained=False)
     size = imvec.get_expected_image_size(module)
     sweep = {}
@@ -227,27 +239,31 @@ def bench_network(name: str, folder: Path, out: Path, seconds: float,
     workers = default_workers()
     model = quiet(lambda: model_rate(module, size, batch, seconds))
     decode = quiet(lambda: decode_rate(items, Preprocessing(size), workers))
-    e2e = quiet(lambda: end_to_end_rate(module, folder, out, batch, WORKER_NICENESS))
+    e2e = quiet(lambda: end_to_end_rate(name, folder, out, batch))
     print(f"  {name}: model {model}\n  decode {decode}\n  end-to-end {e2e}", file=sys.stderr)
     bound = 1 / (1 / model["rate"] + 1 / decode["rate"])
     row = {"network": name, "input": list(size), "batch_sweep": sweep, "batch_size": batch,
            "model_only": model, "decode_only": decode, "bound": round(bound, 2),
            "end_to_end": e2e, "ratio": round(e2e["rate"] / bound, 3), "images": len(items),
            "decoders_one_core": decoder_comparison([Path(i.path) for i in items[:40]], size)}
-    if niceness_too:
-        row["end_to_end_workers_at_normal_priority"] = quiet(
-            lambda: end_to_end_rate(module, folder, out, batch, 0))
-        print(f"  {name}: workers at normal priority "
-              f"{row['end_to_end_workers_at_normal_priority']}", file=sys.stderr)
+    if overlap_too:
+        row["end_to_end_overlapping"] = quiet(
+            lambda: end_to_end_rate(name, folder, out, batch, overlap=True))
+        row["ratio_overlapping"] = round(row["end_to_end_overlapping"]["rate"] / bound, 3)
+        print(f"  {name}: decoding during the model {row['end_to_end_overlapping']}",
+              file=sys.stderr)
     return row
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--end-to-end"]:
+        end_to_end_child(*sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=4.0, help="per model-rate measure")
-    parser.add_argument("--niceness-too", action="store_true",
-                        help="also measure end-to-end with workers at normal priority")
+    parser.add_argument("--overlap-too", action="store_true",
+                        help="also measure end-to-end decoding while the model runs")
     parser.add_argument("--networks", nargs="+",
                         default=["nasnet_mobile", "mobilenet_v1_050_160"])
     args = parser.parse_args()
@@ -256,7 +272,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(Path(tmp) / "photos", args.images)
         rows = [bench_network(n, folder, Path(tmp) / f"{n}.parquet", args.seconds,
-                              args.niceness_too) for n in args.networks]
+                              args.overlap_too) for n in args.networks]
     report = {"machine": {"cores": default_workers(), "torch_threads": torch.get_num_threads(),
                           "cpu": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "load_average_before": load_before,

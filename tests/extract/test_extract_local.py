@@ -192,3 +192,20 @@ def test_job_options_are_checked_up_front(tmp_path, module):
     folder = make_folder(tmp_path / "in", 1)
     with pytest.raises(InputError, match="at least 32x32; got --size 16"):
         run(job(folder, module, tmp_path / "f.parquet", size=16))
+
+
+def test_both_scheduling_modes_give_the_same_result(tmp_path, module, monkeypatch):
+    import functools
+
+    from imvec.extract import pipeline
+
+    folder = make_folder(tmp_path / "in", 11)
+    (folder / "bad.jpg").write_bytes(b"x")
+    turns = run(job(folder, module, tmp_path / "turns.parquet", size=SIZE, batch_size=4))
+    monkeypatch.setattr(pipeline, "run_local",
+                        functools.partial(pipeline.run_local, overlap=True))  # the GPU mode
+    overlapped = run(job(folder, module, tmp_path / "overlap.parquet", size=SIZE,
+                         batch_size=4))
+    ids, features = read_features(overlapped.output)
+    assert (ids, overlapped.failed) == (read_features(turns.output)[0], 1)
+    np.testing.assert_allclose(features, read_features(turns.output)[1], rtol=1e-5, atol=1e-6)

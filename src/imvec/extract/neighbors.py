@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from imvec.data.preprocess import Preprocessing
 from imvec.errors import ImvecError
-from imvec.extract.sink import OutputPaths, feature_values, read_metadata
+from imvec.extract.arrow import list_values
+from imvec.extract.sink import OutputPaths, read_metadata
 
 __all__ = ["Neighbor", "nearest", "neighbors"]
 
@@ -40,11 +41,11 @@ def _chunks(index: Path, rows: int) -> Iterator[tuple[list[str], list[str], np.n
             yield ([r[0] for r in part], [r[1] for r in part],
                    np.asarray(features[start:start + rows], np.float32))
         return
-    parquet = pq.ParquetFile(index)
-    dim = parquet.schema_arrow.field("feature").type.list_size
-    for batch in parquet.iter_batches(batch_size=rows, columns=["id", "path", "feature"]):
-        yield (batch.column(0).to_pylist(), batch.column(1).to_pylist(),
-               feature_values(batch.column(2), dim))
+    with open(index, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows,
+                                                    columns=["id", "path", "feature"]):
+            yield (batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                   list_values(batch.column(2)))
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

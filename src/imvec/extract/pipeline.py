@@ -1,8 +1,12 @@
 """The local engine: worker processes decode, the main process runs the model and commits.
 
-Decoded chunks queue up (bounded) while the model works on the current batch, so decoding
-and inference overlap. Rows reach the work folder in listing order, failures in their
-place, and are committed every ``commit_every`` images.
+With the model on a GPU, decoded chunks queue up (bounded) while the model works on the
+current batch, so decoding and inference overlap. With the model on the CPU, both need the
+same cores, and taking turns is faster: a decoding worker that preempts one of the model's
+threads stalls all the others at the next barrier, so overlapping cost about a third of the
+throughput on 2 cores, while turns reach the rate the two allow together
+(benchmarks/bench_extract.py). Rows reach the work folder in listing order, failures in
+their place, and are committed every ``commit_every`` images.
 """
 
 from __future__ import annotations
@@ -18,10 +22,6 @@ from imvec.extract.workdir import WorkDir
 from imvec.module import Module
 
 __all__ = ["Batcher", "chunked", "run_local"]
-
-# Decoding workers yield to the model's threads: a preempted thread stalls every other
-# thread of the model at its next barrier, while decoding ahead only needs spare cycles.
-WORKER_NICENESS = 10
 
 
 def chunked(items: Sequence[Item], size: int):
@@ -87,15 +87,23 @@ def model_embedder(module: Module, device: torch.device) -> Callable[[np.ndarray
 
 def run_local(module: Module, todo: Sequence[Item], work: WorkDir, preprocessing,
               batch_size: int, workers: int, device: torch.device,
-              progress: Callable[[int], None]) -> None:
-    """Compute ``todo`` into ``work`` (committing as it goes)."""
+              progress: Callable[[int], None], overlap: bool | None = None) -> None:
+    """Compute ``todo`` into ``work`` (committing as it goes). ``overlap``: decode while the
+    model runs (default: when the model is not on the CPU), else take turns."""
     def emit(items: list[Item], features: np.ndarray, errors: list[str | None]) -> None:
         work.add([i.id for i in items], [i.path for i in items], features, errors)
         progress(len(items))
 
     batcher = Batcher(model_embedder(module, device), batch_size, work.dim, emit)
     chunk = max(1, min(16, -(-batch_size // workers)))
-    with DecodePool(preprocessing, workers, WORKER_NICENESS) as pool:
-        for decoded in pool.imap(chunked(todo, chunk)):
-            batcher.add(decoded)
+    if overlap is None:
+        overlap = device.type != "cpu"
+    with DecodePool(preprocessing, workers) as pool:
+        if overlap:
+            for decoded in pool.imap(chunked(todo, chunk)):
+                batcher.add(decoded)
+        else:
+            for group in chunked(todo, batch_size):
+                for decoded in list(pool.imap(chunked(group, chunk))):  # all, then the model
+                    batcher.add(decoded)
     batcher.flush()

@@ -76,11 +76,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(parent: int, niceness: int) -> None:
+def _init_worker(parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    if niceness and hasattr(os, "nice"):
-        os.nice(niceness)
     try:
         import cv2
 
@@ -101,8 +99,8 @@ def _context() -> multiprocessing.context.BaseContext:
 class DecodePool:
     """Ordered, bounded, crash-tolerant decoding of chunks of items."""
 
-    def __init__(self, preprocessing: Preprocessing, workers: int, niceness: int = 0) -> None:
-        self.preprocessing, self.workers, self.niceness = preprocessing, workers, niceness
+    def __init__(self, preprocessing: Preprocessing, workers: int) -> None:
+        self.preprocessing, self.workers = preprocessing, workers
         self.max_in_flight = 2 * workers + 2
         self._executor: ProcessPoolExecutor | None = None
         self._pending: deque[tuple[Sequence[Item], Future]] = deque()
@@ -118,7 +116,7 @@ class DecodePool:
     def _start(self) -> None:
         self._executor = ProcessPoolExecutor(self.workers, mp_context=_context(),
                                              initializer=_init_worker,
-                                             initargs=(os.getpid(), self.niceness))
+                                             initargs=(os.getpid(),))
 
     def close(self) -> None:
         if self._executor is not None:

@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 
 from imvec.data.sources import Item
 from imvec.errors import ImvecError
+from imvec.extract.arrow import fixed_size_lists, list_values, read_columns, strings
 from imvec.extract.workdir import PartInfo, disk_error, write_durably
 
-__all__ = ["OutputPaths", "assemble", "feature_values", "read_features", "read_metadata"]
+__all__ = ["OutputPaths", "assemble", "read_features", "read_metadata"]
 
 METADATA_KEY = b"imvec"
 ROW_GROUP_BYTES = 32 << 20
@@ -58,12 +59,6 @@ def row_group_rows(dim: int) -> int:
     return int(np.clip(ROW_GROUP_BYTES // (4 * dim), 256, 16384))
 
 
-def feature_values(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    values = array.values.slice(array.offset * dim, len(array) * dim)
-    return values.to_numpy(zero_copy_only=False).reshape(len(array), dim)
-
-
 class _PartCache:
     """Feature arrays of parts, least recently used dropped beyond a byte budget."""
 
@@ -76,8 +71,8 @@ class _PartCache:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        table = pq.read_table(self.parts[index].path, columns=["feature"])
-        values = feature_values(table.column(0), self.dim)
+        table = read_columns(self.parts[index].path, ["feature"])
+        values = list_values(table.column(0))
         self._cache[index] = values
         self._bytes += values.nbytes
         while self._bytes > CACHE_BYTES and len(self._cache) > 1:
@@ -102,7 +97,7 @@ def _plan(items: Sequence[Item], parts: Sequence[PartInfo]) -> _Plan:
     row = np.zeros(len(items), np.int64)
     errors: dict[int, str] = {}
     for k, info in enumerate(parts):
-        table = pq.read_table(info.path, columns=["id", "error"])
+        table = read_columns(info.path, ["id", "error"])
         seq = np.array([position.get(i, -1) for i in table.column("id").to_pylist()], np.int64)
         rows = np.arange(len(seq))
         fresh = seq >= 0
@@ -112,11 +107,12 @@ def _plan(items: Sequence[Item], parts: Sequence[PartInfo]) -> _Plan:
         new = part[seq] < 0
         seq, rows = seq[new], rows[new]
         part[seq], row[seq] = k, rows
-        column = table.column("error").combine_chunks()
-        failed = np.asarray(column.is_valid())[rows]
-        if failed.any():
-            reasons = column.take(pa.array(rows[failed])).to_pylist()
-            errors.update(zip(seq[failed].tolist(), reasons, strict=True))
+        column = table.column("error")
+        if column.null_count < len(column):  # some rows of this part failed
+            reasons = column.to_pylist()
+            errors.update((s, reasons[r]) for s, r in zip(seq.tolist(), rows.tolist(),
+                                                          strict=True)
+                          if reasons[r] is not None)
     return _Plan(part, row, errors, int((part < 0).sum()))
 
 
@@ -189,10 +185,9 @@ def _write_parquet(f, items, plan, ok_seq, parts, dim, record) -> None:
     with pq.ParquetWriter(f, schema, use_dictionary=False) as writer:
         for seq, values in _chunks(plan, ok_seq, parts, dim):
             chosen = [items[s] for s in seq.tolist()]
-            feature = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
-            writer.write_table(pa.table([pa.array([i.id for i in chosen], pa.string()),
-                                         pa.array([i.path for i in chosen], pa.string()),
-                                         feature], schema=schema),
+            writer.write_table(pa.table([strings([i.id for i in chosen]),
+                                         strings([i.path for i in chosen]),
+                                         fixed_size_lists(values)], schema=schema),
                                row_group_size=len(seq))
         if not len(ok_seq):
             writer.write_table(schema.empty_table())
@@ -234,6 +229,5 @@ def read_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         with open(ids_path, newline="", encoding="utf-8") as f:
             ids = [row[0] for row in list(csv.reader(f))[1:]]
         return ids, np.load(path)
-    table = pq.read_table(path, columns=["id", "feature"])
-    dim = table.schema.field("feature").type.list_size
-    return table.column("id").to_pylist(), feature_values(table.column("feature"), dim)
+    table = read_columns(path, ["id", "feature"])
+    return table.column("id").to_pylist(), list_values(table.column("feature"))

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from imvec.errors import ImvecError
+from imvec.extract.arrow import fixed_size_lists, read_columns, strings
 from imvec.extract.provenance import differences
 
 __all__ = ["PartInfo", "ResumeError", "WorkDir", "fsync_dir", "part_schema", "work_dir_for"]
@@ -150,7 +151,7 @@ class WorkDir:
             tmp.unlink(missing_ok=True)  # a write that a crash interrupted
         for part in sorted(self.path.glob("part-*.parquet")):
             try:
-                table = pq.read_table(part, columns=["id"])
+                table = read_columns(part, ["id"])
                 if pq.read_schema(part).field("feature").type != self.schema.field("feature").type:
                     raise ValueError("feature size differs")
             except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
@@ -209,10 +210,8 @@ def make_part_table(ids: Sequence[str], paths: Sequence[str], features: np.ndarr
     failed = np.array([e is not None for e in errors], dtype=bool)
     values = np.zeros((n, dim), np.float32) if features is None else np.asarray(
         features, dtype=np.float32).reshape(n, dim)
-    feature = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim,
-                                                mask=pa.array(failed))
-    return pa.table([pa.array(list(ids), pa.string()), pa.array(list(paths), pa.string()),
-                     feature, pa.array(list(errors), pa.string())], schema=part_schema(dim))
+    return pa.table([strings(ids), strings(paths), fixed_size_lists(values, ~failed),
+                     strings(errors)], schema=part_schema(dim))
 
 
 def commit_table(table: pa.Table, path: Path, done: int = 0) -> None:
