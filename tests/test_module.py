@@ -110,6 +110,20 @@ def test_frozen_module_stays_in_inference_mode(small_nasnet, tf_inputs):
         module.requires_grad_(True)
 
 
+def test_deepcopy_gives_an_independent_module(small_nasnet, tf_inputs):
+    import copy
+
+    expected = np.load(FIXTURES / "nasnet_mobile_small" / "expected.npz")["features"]
+    module = small_nasnet()
+    module(tf_inputs)  # builds the inference graph, which the copy must not share
+    clone = copy.deepcopy(module)
+    assert clone.card is module.card
+    with torch.no_grad():
+        next(iter(clone.net.parameters())).add_(1.0)
+    assert_close("original after editing the copy", module(tf_inputs).numpy(), expected)
+    assert not np.allclose(clone(tf_inputs).numpy(), expected, rtol=1e-3)
+
+
 def test_train_tag_needs_trainable():
     with pytest.raises(ValueError, match="needs trainable=True"):
         imvec.load("nasnet_mobile", pretrained=False, tags={"train"})

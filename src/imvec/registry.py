@@ -71,6 +71,9 @@ class Card:
     num_classes: int | None = None
     stats: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
+    def __deepcopy__(self, memo: dict) -> Card:
+        return self  # immutable: copies of a module share their card
+
     @property
     def short_name(self) -> str:
         return self.handle.split("/")[2]

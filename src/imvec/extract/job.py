@@ -16,10 +16,11 @@ __all__ = ["DEFAULT_BATCH_SIZES", "FORMATS", "ExtractJob", "ExtractResult", "def
 
 FORMATS = ("parquet", "npy")
 ENGINES = ("local", "ray")
-# Images per forward pass, by network, measured on 2 CPU cores (benchmarks/bench_extract.py):
-# the 331px networks run faster per image in small batches on a CPU.
-DEFAULT_BATCH_SIZES = {"mobilenet_v1": 32, "nasnet_mobile": 16, "nasnet_large": 4,
-                       "pnasnet_large": 4, "amoebanet_a": 4}
+# Images per forward pass on a CPU, from measurements on 2 cores (benchmarks/bench_extract.py,
+# bench_large.py): the small networks keep gaining up to 32-64 images; the 331px ones gain
+# ~10% from 1 to 8 (AmoebaNet nothing, so it stays small: 0.27 GiB of activations per image).
+DEFAULT_BATCH_SIZES = {"mobilenet_v1": 64, "nasnet_mobile": 32, "nasnet_large": 8,
+                       "pnasnet_large": 8, "amoebanet_a": 2}
 
 
 def default_batch_size(network: str, device: str = "cpu") -> int:
