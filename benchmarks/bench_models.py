@@ -10,10 +10,11 @@ them once, in a rotating order, at the same batch size and thread count. On a sh
 machine the load then hits all of them alike; the medians over rounds are reported, with
 the load average at the start and the end.
 
-Writes benchmarks/results/<machine>.json, a chart beside it, and (full runs)
-docs/readme/speed.md. Each result is also given as a fraction of the machine's fp32
-matmul peak (the best large sgemm through torch.mm), with the network's FLOPs per image
-counted by torch.utils.flop_counter on imvec's graph (2 per multiply-add).
+Writes benchmarks/results/<machine>.json, and beside it a report (<machine>.md) and a
+chart (<machine>.png); ``--render FILE.json`` rewrites the report of an earlier run. Each
+result is also given as a fraction of the machine's fp32 matmul peak (the best large sgemm
+through torch.mm), with the network's FLOPs per image counted by torch.utils.flop_counter
+on imvec's graph (2 per multiply-add).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ NETWORKS = {  # imvec short name: input size, contestants beside imvec's own eng
                                    "timm-compiled", "timm-onnxruntime"]),
 }
 LARGE = ("nasnet_large", "pnasnet_large", "amoebanet_a_n18_f448")
-OURS = "imvec"  # the default engine; "imvec-<engine>" are the others
+OURS = "imvec"  # the default engine ("auto"); "imvec-<engine>" are the others
 TARGET_PEAK, TARGET_VS_BASELINES = 0.85, 1.5
 
 
@@ -169,7 +170,11 @@ class Contestant:
 
 
 def contestants(network: str, args: argparse.Namespace) -> list[Contestant]:
-    ours = [OURS] + [f"imvec-{e}" for e in args.engines]
+    from imvec.inference import check_engine
+    from imvec.registry import find_card
+
+    default = check_engine("auto", False, find_card(network).network)  # what "imvec" runs
+    ours = [OURS] + [f"imvec-{e}" for e in args.engines if e != default]
     if network == "amoebanet_a_n18_f448":  # 1.9 GB of weights: over ONNX's 2 GB protobuf
         ours = [k for k in ours if k != "imvec-onnxruntime"]
     peers = [k for k in NETWORKS[network][1] if k.split("-")[0] in args.peers]
@@ -231,8 +236,12 @@ def bench_network(network: str, args: argparse.Namespace) -> dict[str, Any]:
     for c in live:
         c.memory = c.ask({"cmd": "memory"}, 60) or {}
         c.stop()
+    from imvec.inference import check_engine
+    from imvec.registry import find_card
+
     return {
         "input_size": size,
+        "default_engine": check_engine("auto", False, find_card(network).network),
         "results": {c.kind: summarize(c) for c in field_},
     }
 
@@ -338,10 +347,12 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
         "## Speed",
         "",
         "`imvec.load(...)` (trainable=False) runs an inference graph built from the faithful "
-        "network: batch norm folded into the convolutions, channels_last, relu and the "
-        "combination adds fused into oneDNN convolutions, each relu computed once. Training, "
-        "`variable_map` and fine-tuning keep the faithful graph. Other engines: "
-        "`engine=\"onnxruntime\"`, `\"compile\"`, `\"faithful\"`.",
+        "network (batch norm folded into the convolutions, relu and the combination adds "
+        "fused), with the engine measured fastest for the network: the eager oneDNN graph "
+        "(`fast`) for the 331px networks, the same graph exported to ONNX Runtime "
+        "(`onnxruntime`, when installed) for MobileNet V1 and NASNet-mobile. **imvec** below "
+        "is that default, with its engine in brackets; `imvec-<engine>` are the others. "
+        "Training, `variable_map` and fine-tuning keep the faithful graph.",
         "",
         f"Measured by `python benchmarks/bench_models.py` on {m['cpu']} ({m['cores']} cores, "
         f"{s['threads']} threads), {m['date']}, fp32, random weights. fp32 matmul peak "
@@ -376,7 +387,8 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
             last = data["batches"].get(batches[-1])
             cells.append(_fmt(last and 1e3 * last["cpu_s_per_image"], ".1f"))
             rss = data.get("memory", {}).get("peak_rss_mb")
-            name = f"**{kind}**" if kind == OURS else kind
+            name = (f"**{kind}** ({entry.get('default_engine', 'default')})" if kind == OURS
+                    else kind)
             if data.get("error"):
                 name += f" (failed: {data['error']})"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(rss, '.0f')} MB |")
@@ -399,7 +411,7 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
         lines.append(f"| {network} | {t.get('best_batch', '–')} | {cell('ahead_of_best_peer')}"
                      f" | {cell('vs_keras')} | {cell('vs_timm-eager')} | "
                      f"{cell('peak_fraction', 'value')} |")
-    lines += ["", f"![speed](../../benchmarks/results/{chart_name})", "",
+    lines += ["", f"![speed]({chart_name})", "",
               "Peak RSS is the contestant process's maximum resident memory over the run "
               "(weights, both batch sizes, and for imvec the faithful and the inference "
               "graph). Setup of the peers: `benchmarks/README.md`.", ""]
@@ -445,10 +457,12 @@ Engines: `engine="compile"` (the same graph in standard ops under `torch.compile
 is 17% faster than the eager fast graph on NASNet-mobile at batch 16 (Inductor fuses the
 pooling, adds and concatenations), but 8% slower on NASNet-large, where convolutions are
 90% of the time, and compiles for 40 s (NASNet-mobile) to minutes. `engine="onnxruntime"`
-(the fast graph exported to ONNX) has the lowest per-operation overhead: at batch 1 on the
-small networks it beats the eager graph (whose oneDNN calls cost ~30 us each); at batch 16
-it does not. The default stays the eager fast graph: no export or compile step, and
-the best at the batch sizes where throughput matters.
+(the fast graph exported to ONNX, cached under `$IMVEC_HOME/onnx`) has the least overhead
+per operation and wins clearly on the small networks; on the 331px networks it ties with
+the eager graph at batch 16 and loses at batch 1, so "auto" keeps the eager graph there
+(no export step, end points available). Torch's thread pool and ONNX Runtime's spinning
+threads must not run at once: imvec checks and scales the input with numpy (one thread),
+which made the ONNX Runtime engine 2-4x faster on MobileNet at batch 1.
 
 On a busy shared CPU, PyTorch's OpenMP threads spin-wait for each other between the
 ~1,000 operations of a NASNet; `OMP_WAIT_POLICY=PASSIVE` (set before Python starts) avoids
@@ -471,9 +485,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="about how long one contestant's turn lasts (default: 2)")
     p.add_argument("--quick", action="store_true",
                    help="2 rounds, batch 16 only, no torch.compile contestants")
-    p.add_argument("--engines", default="onnxruntime",
-                   help="imvec engines besides the default, comma-separated: onnxruntime, "
-                   "compile, faithful (default: onnxruntime)")
+    p.add_argument("--engines", default="fast,onnxruntime",
+                   help="imvec engines besides the default, comma-separated: fast, "
+                   "onnxruntime, compile, faithful (default: fast,onnxruntime; the one the "
+                   "default picks for a network is not run twice)")
     p.add_argument("--peers", default="keras,timm", help="peer families (default: keras,timm)")
     p.add_argument("--keras-python", default=str(ROOT / ".venv-tf" / "bin" / "python"))
     p.add_argument("--timm-python", default=str(ROOT / ".venv-timm" / "bin" / "python"))
@@ -488,7 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "take one untimed call first (automatic when under 25%% of the memory is "
                    "left; all contestants of a network stay loaded)")
     p.add_argument("--machine", default=None, help="results name (default: from the CPU)")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/readme/speed.md")
+    p.add_argument("--render", metavar="JSON", help="only write the report (markdown, chart) "
+                   "of an earlier run's results file")
     args = p.parse_args(argv)
     args.networks = [n for n in args.networks.split(",") if n]
     unknown = set(args.networks) - set(NETWORKS)
@@ -505,8 +521,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_report(json_path: Path) -> str:
+    """``<results>.md`` and ``<results>.png`` beside the results file; returns the markdown."""
+    results = json.loads(json_path.read_text())
+    chart = json_path.with_suffix(".png")
+    try:
+        write_chart(results, chart)
+    except ImportError:
+        print("matplotlib missing: no chart (pip install 'imvec[bench]')", file=sys.stderr)
+    text = markdown(results, json_path.name, chart.name)
+    json_path.with_suffix(".md").write_text(text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(write_report(Path(args.render)))
+        return 0
     import torch
 
     started = time.time()
@@ -540,17 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     analyse(results, max(peaks))
     json_path = out_dir / f"{name}{suffix}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
-    chart = out_dir / f"{name}{suffix}.png"
-    try:
-        write_chart(results, chart)
-    except ImportError:
-        print("matplotlib missing: no chart (pip install 'imvec[bench]')", file=sys.stderr)
-    text = markdown(results, json_path.name, chart.name)
-    if not (args.quick or args.no_docs):
-        (ROOT / "docs" / "readme").mkdir(parents=True, exist_ok=True)
-        (ROOT / "docs" / "readme" / "speed.md").write_text(text)
+    text = write_report(json_path)
     print("\n" + text)
-    print(f"wrote {json_path} and {chart} in {results['machine']['duration_min']:.1f} min")
+    print(f"wrote {json_path} and its report in {results['machine']['duration_min']:.1f} min")
     return 0
 
 

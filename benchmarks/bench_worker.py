@@ -9,8 +9,9 @@ the model, then answers JSON lines on stdin:
     {"cmd": "quit"}
 
 Only the protocol goes to stdout; anything the libraries print goes to stderr. KIND is one of
-imvec[-ENGINE], keras, timm-eager, timm-channels_last, timm-compiled, timm-onnxruntime. This
-file imports only what its KIND needs, so it runs in the Keras and timm environments too.
+imvec (the default engine, "auto"), imvec-ENGINE, keras, timm-eager, timm-channels_last,
+timm-compiled, timm-onnxruntime. This file imports only what its KIND needs, so it runs in
+the Keras and timm environments too.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def build_keras(network: str, size: int, threads: int):
 def build(kind: str, network: str, size: int, threads: int):
     family, _, mode = kind.partition("-")
     if family == "imvec":
-        return build_imvec(mode or "fast", network, size, threads)
+        return build_imvec(mode or "auto", network, size, threads)
     if family == "timm":
         return build_timm(mode, network, size, threads)
     if family == "keras":

@@ -84,6 +84,59 @@ def test_onnxruntime_engine_matches_tf(converted):
     assert_close("ort logits", classifier(images).numpy(), expected["logits"])
 
 
+def test_onnxruntime_exports_are_cached_by_weights(converted, monkeypatch):
+    import imvec.export as export_module
+    from imvec.weights.store import home
+
+    images, expected = tf_case("mobilenet_v1_025_128")
+    first = imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")
+    first(images)  # exports, or finds an earlier test's export of these weights
+    cached = sorted((home() / "onnx").glob("*.onnx"))
+    assert cached
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export_module, "_export_onnx", no_export)
+    again = imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")
+    assert_close("from the cache", again(images).numpy(), expected["features"])
+    with torch.no_grad():  # other weights: another entry, so an export
+        again.variable_map["MobilenetV1/Conv2d_0/BatchNorm/beta"].add_(0.5)
+    with pytest.raises(AssertionError, match="exported again"):
+        again(images)
+    monkeypatch.undo()
+    for path in cached:  # a damaged entry is exported again, not trusted
+        path.write_bytes(b"not onnx")
+    third = imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")
+    assert_close("after damage", third(images).numpy(), expected["features"])
+
+
+def test_auto_engine_falls_back_to_the_fast_graph(converted, monkeypatch):
+    import imvec.export as export_module
+
+    images, expected = tf_case("nasnet_mobile_small")
+    monkeypatch.setenv("IMVEC_HOME", str(FIXTURES.parent / "no-such-cache-dir-used"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(export_module, "_export_onnx", broken)
+    monkeypatch.setattr(export_module, "_cache_path", lambda *a: None)
+    module = imvec.load(converted("nasnet_mobile_small"))
+    assert module.engine == "onnxruntime"
+    with pytest.warns(RuntimeWarning, match="exporter broke.*'fast' engine instead"):
+        features = module(images)
+    assert module.engine == "fast"
+    assert_close("fallback", features.numpy(), expected["features"])
+    explicit = imvec.load(converted("nasnet_mobile_small"), engine="onnxruntime")
+    with pytest.raises(RuntimeError, match="exporter broke"):
+        explicit(images)
+    chosen = imvec.load(converted("nasnet_mobile_small")).double()  # not float32: fast graph
+    out = chosen(images)
+    assert out.dtype == torch.float64 and chosen.engine == "onnxruntime"
+    assert_close("float64", out.numpy(), expected["features"])
+
+
 def test_plain_network_export(tmp_path):
     net = imvec.create_model("mobilenet_v1", depth_multiplier=0.25).eval()
     path = export(net, tmp_path / "net.onnx", input_size=(64, 64))

@@ -10,7 +10,9 @@ height and width where the card allows other sizes (MobileNet V1).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -123,6 +125,25 @@ def _export_onnx(graph: nn.Module, example: torch.Tensor, name: str, variable: b
     program.save(str(path))
 
 
+ONNX_CACHE_MAX_BYTES = 1 << 30  # larger exports carry external data files: not cached
+
+
+def _cache_path(net: nn.Module, pre_logits: bool, size: tuple[int, int]) -> Path | None:
+    """Where the export of ``net`` at ``size`` is cached (None: too large to cache)."""
+    from imvec import __version__
+    from imvec.weights.store import home
+
+    tensors = net.state_dict()
+    if sum(t.numel() * t.element_size() for t in tensors.values()) > ONNX_CACHE_MAX_BYTES:
+        return None
+    digest = hashlib.sha256(f"{__version__} {torch.__version__} {ONNX_OPSET} {pre_logits} "
+                            f"{size} {net!r}".encode())
+    for name, tensor in tensors.items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return home() / "onnx" / f"{digest.hexdigest()[:40]}.onnx"
+
+
 def onnxruntime_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session with all graph optimizations and ``threads`` intra-op
     threads (default: PyTorch's thread count, i.e. the physical cores)."""
@@ -143,7 +164,9 @@ class OnnxRuntimeNet:
 
     Exports the network once per output kind (features / logits) and image size, with a
     dynamic batch but a fixed size, so that ONNX Runtime sees constant paddings it can fold
-    into its convolutions. End points are not available.
+    into its convolutions. Exports of networks under 1 GiB are kept in
+    ``$IMVEC_HOME/onnx``, keyed by the weights, the architecture and the versions, so the
+    next process starts at once. End points are not available.
     """
 
     def __init__(self, net: nn.Module, threads: int | None = None) -> None:
@@ -153,12 +176,28 @@ class OnnxRuntimeNet:
     def _session(self, pre_logits: bool, size: tuple[int, int]) -> Any:
         key = (pre_logits, *size)
         if key not in self._sessions:
-            graph = _NetGraph(fast_network(self.net), pre_logits)
+            cached = _cache_path(self.net, pre_logits, size)
+            if cached is not None and cached.is_file():
+                try:
+                    self._sessions[key] = onnxruntime_session(cached, self.threads)
+                    return self._sessions[key]
+                except Exception:  # noqa: BLE001 (a damaged cache entry: export again)
+                    cached.unlink(missing_ok=True)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "net.onnx"
-                with torch.no_grad(), portable_ops():
+                graph = _NetGraph(fast_network(self.net), pre_logits)
+                with torch.no_grad(), portable_ops(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
                     _export_onnx(graph, _example("x", size), "x", False, path, ONNX_OPSET)
                 self._sessions[key] = onnxruntime_session(path, self.threads)
+                if cached is not None:
+                    try:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                        shutil.copyfile(path, partial)
+                        os.replace(partial, cached)
+                    except OSError:  # a read-only or full cache only costs the next export
+                        pass
         return self._sessions[key]
 
     def __call__(self, x: torch.Tensor, end_points: dict | None = None,

@@ -135,7 +135,7 @@ class Module(_Module):
                        arch=spec.card.short_name if spec._local else None)
         super().__init__(loaded.net, loaded.card, trainable=trainable, tags=tags,
                          source=loaded.source, hparams=loaded.hparams,
-                         class_names=loaded._class_names, engine=loaded.engine)
+                         class_names=loaded._class_names)
         self.name = name
 
     @property

@@ -2,10 +2,15 @@
 
 Engines (``imvec.load(..., engine=...)``):
 
-``"fast"`` (the default with ``trainable=False``)
+``"auto"`` (the default)
+    ``"faithful"`` for a trainable module. Otherwise the engine measured fastest on a CPU
+    for the network (benchmarks/bench_models.py): ``"onnxruntime"`` for MobileNet V1 and
+    NASNet-A mobile when ONNX Runtime is installed (``pip install 'imvec[onnx]'``), else
+    ``"fast"``. ``$IMVEC_ENGINE`` overrides the choice.
+``"fast"``
     :func:`imvec.nets.fast.fast_network`: BN folded into the convolutions, channels_last,
     relu and adds fused into oneDNN convolutions, each relu computed once. Same outputs
-    as the faithful graph to ~1e-6 relative.
+    as the faithful graph to ~1e-6 relative. The fastest on the 331px networks.
 ``"compile"``
     The fast graph in standard ops under ``torch.compile`` (needs a C++ compiler; the
     first call compiles, 40 s for NASNet-mobile, minutes for the large networks). Faster
@@ -13,9 +18,12 @@ Engines (``imvec.load(..., engine=...)``):
     convolutions dominate (NASNet-large).
 ``"onnxruntime"``
     The fast graph exported to ONNX and run by ONNX Runtime (``pip install imvec[onnx]``).
-    Measured on a 2-core CPU it does more work per image than ``"fast"`` at batch 16 (and
-    is slower there), but has less overhead per operation: at batch 1 it was the faster
-    one. See docs/readme/speed.md.
+    It has the least overhead per operation: on 2 CPU cores it ran MobileNet V1 2.2x
+    (batch 1) and 1.3x (batch 16) faster than ``"fast"``, NASNet-mobile 2.6x and 1.1x; on
+    the 331px networks the two tie at batch 16 and ``"fast"`` wins at batch 1. The export
+    (seconds) happens on the first call and is cached under ``$IMVEC_HOME/onnx``. Returns
+    no end points (``as_dict=True`` runs ``"fast"``); inputs not on the CPU run ``"fast"``
+    when the engine was chosen by ``"auto"``.
 ``"faithful"``
     The training graph in eval mode: the reference, and what ``trainable=True`` always runs.
 
@@ -27,8 +35,10 @@ when the faithful weights change, e.g. after ``load_state_dict`` or ``.to()``.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +50,9 @@ from imvec.nets.fast import fast_network
 __all__ = ["ENGINES", "InferenceGraph", "optimize", "tune_allocator"]
 
 ENGINES = ("auto", "fast", "compile", "onnxruntime", "faithful")
+ENV_ENGINE = "IMVEC_ENGINE"
+# Networks that ONNX Runtime runs faster than the fast graph on a CPU, at batch 1 and 16.
+ONNXRUNTIME_FIRST = frozenset({"mobilenet_v1", "nasnet_mobile"})
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 _ALLOCATOR_TUNED = [False]
@@ -74,8 +87,13 @@ def _auto_tune_allocator() -> None:
         tune_allocator(True)
 
 
-def check_engine(engine: str | None, trainable: bool) -> str:
-    """The engine a module runs, with a clear error for impossible combinations."""
+def onnxruntime_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
+
+
+def check_engine(engine: str | None, trainable: bool, network: str | None = None) -> str:
+    """The engine a module runs, with a clear error for impossible combinations. ``auto``
+    resolves to the one measured fastest for ``network`` (see the module's docstring)."""
     engine = engine or "auto"
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -83,9 +101,17 @@ def check_engine(engine: str | None, trainable: bool) -> str:
         raise ValueError(f"engine={engine!r} is an inference engine, built from a snapshot of "
                          "the weights; a trainable module runs the faithful graph. Load with "
                          "trainable=False to use it.")
-    if engine == "auto":
-        return "faithful" if trainable else "fast"
-    return engine
+    if engine != "auto":
+        return engine
+    if trainable:
+        return "faithful"
+    chosen = os.environ.get(ENV_ENGINE)
+    if chosen:
+        if chosen not in ENGINES[1:]:
+            raise ValueError(f"${ENV_ENGINE}={chosen!r}; choose one of {', '.join(ENGINES[1:])}")
+        return chosen
+    return ("onnxruntime" if network in ONNXRUNTIME_FIRST and onnxruntime_available()
+            else "fast")
 
 
 def _build(net: nn.Module, engine: str) -> Callable[..., torch.Tensor]:
@@ -113,8 +139,10 @@ class InferenceGraph:
     ``parameters`` of the module that owns it.
     """
 
-    def __init__(self, net: nn.Module, engine: str = "fast") -> None:
-        self.net, self.engine = net, engine
+    def __init__(self, net: nn.Module, engine: str = "fast", chosen: bool = False) -> None:
+        """``chosen``: the engine was picked by "auto", so where it cannot run (inputs off
+        the CPU, a failed export) the fast graph runs instead."""
+        self.net, self.engine, self.chosen = net, engine, chosen
         self._built: Callable[..., torch.Tensor] | None = None
         self._stamp: tuple | None = None
         self._fast: nn.Module | None = None  # end points under the onnxruntime engine
@@ -142,9 +170,28 @@ class InferenceGraph:
         if self.engine == "faithful" or (torch.is_grad_enabled() and x.requires_grad):
             return None
         stamp = self._weights_stamp()
-        if self._built is None or stamp != self._stamp:
-            self._built, self._stamp, self._fast = _build(self.net, self.engine), stamp, None
+        if stamp != self._stamp:
+            self._built, self._fast, self._stamp = None, None, stamp
+        if self.chosen and self.engine == "onnxruntime" and (
+                x.device.type != "cpu" or x.dtype != torch.float32):
+            return self._fast_graph()
+        if self._built is None:
+            self._built = _build(self.net, self.engine)
         return self._built
+
+    def _give_up(self, exc: Exception) -> nn.Module:
+        """An engine picked by "auto" failed (e.g. its export): the fast graph from now on."""
+        warnings.warn(f"engine {self.engine!r} failed ({type(exc).__name__}: {exc}); running "
+                      "the 'fast' engine instead", RuntimeWarning, stacklevel=4)
+        self.engine = "fast"
+        self._built = self._fast_graph()
+        return self._built
+
+    def _fast_graph(self) -> nn.Module:
+        if self._fast is None:
+            _auto_tune_allocator()
+            self._fast = fast_network(self.net)
+        return self._fast
 
     def __call__(self, x: torch.Tensor, end_points: dict[str, torch.Tensor] | None = None,
                  pre_logits: bool = False) -> torch.Tensor:
@@ -154,13 +201,16 @@ class InferenceGraph:
             features = self.net.forward_features(x, end_points)
             return self.net.forward_head(features, pre_logits=pre_logits)
         if end_points is not None and self.engine == "onnxruntime":  # ORT gives no maps
-            if self._fast is None:
-                self._fast = fast_network(self.net)
-            engine = self._fast
+            engine = self._fast_graph()
         # no_grad rather than inference_mode: inference tensors could not be saved for
         # backward by a trainable head on top of the features, a common use.
         with torch.no_grad():
-            return engine(x, end_points, pre_logits)
+            if not (self.chosen and self.engine == "onnxruntime"):
+                return engine(x, end_points, pre_logits)
+            try:  # the export happens on the first call of each size
+                return engine(x, end_points, pre_logits)
+            except Exception as exc:  # noqa: BLE001 (whatever broke, the fast graph runs)
+                return self._give_up(exc)(x, end_points, pre_logits)
 
 
 def optimize(net: nn.Module, engine: str = "fast") -> nn.Module:
