@@ -32,7 +32,7 @@ INFERENCE = """
 import json, resource, sys, time, torch
 import imvec
 name, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-module = imvec.load(name, pretrained=False)
+module = imvec.load(name, pretrained=False, engine="fast")
 h, w = imvec.get_expected_image_size(module)
 images = torch.rand(batch, h, w, 3)
 with torch.inference_mode():

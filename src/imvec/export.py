@@ -44,14 +44,14 @@ class _HubGraph(nn.Module):
 
 
 class _NetGraph(nn.Module):
-    """The plain network's convention: NCHW in the network's range."""
+    """The plain network's convention: NCHW in the network's range (``nhwc``: NHWC)."""
 
-    def __init__(self, fast: nn.Module, pre_logits: bool) -> None:
+    def __init__(self, fast: nn.Module, pre_logits: bool, nhwc: bool = False) -> None:
         super().__init__()
-        self.fast, self.pre_logits = fast, pre_logits
+        self.fast, self.pre_logits, self.nhwc = fast, pre_logits, nhwc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fast(x, None, self.pre_logits)
+        return self.fast(x.permute(0, 3, 1, 2) if self.nhwc else x, None, self.pre_logits)
 
 
 def _graph(model: nn.Module) -> tuple[nn.Module, tuple[int, int], bool, str]:
@@ -73,6 +73,8 @@ def _example(graph_input: str, size: tuple[int, int], batch: int = 2) -> torch.T
     h, w = size
     if graph_input == "images":
         return torch.rand(batch, h, w, 3)
+    if graph_input == "x_nhwc":
+        return torch.rand(batch, h, w, 3) * 2 - 1
     return torch.rand(batch, 3, h, w) * 2 - 1
 
 
@@ -137,7 +139,7 @@ def _cache_path(net: nn.Module, pre_logits: bool, size: tuple[int, int]) -> Path
     if sum(t.numel() * t.element_size() for t in tensors.values()) > ONNX_CACHE_MAX_BYTES:
         return None
     digest = hashlib.sha256(f"{__version__} {torch.__version__} {ONNX_OPSET} {pre_logits} "
-                            f"{size} {net!r}".encode())
+                            f"{size} nhwc {net!r}".encode())
     for name, tensor in tensors.items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -164,7 +166,9 @@ class OnnxRuntimeNet:
 
     Exports the network once per output kind (features / logits) and image size, with a
     dynamic batch but a fixed size, so that ONNX Runtime sees constant paddings it can fold
-    into its convolutions. Exports of networks under 1 GiB are kept in
+    into its convolutions. The exported graph takes NHWC: a module's images arrive in that
+    layout (``x`` is their NCHW view), so they reach ONNX Runtime without a copy, and its
+    first layout reorder absorbs the transpose. Exports of networks under 1 GiB are kept in
     ``$IMVEC_HOME/onnx``, keyed by the weights, the architecture and the versions, so the
     next process starts at once. End points are not available.
     """
@@ -185,10 +189,11 @@ class OnnxRuntimeNet:
                     cached.unlink(missing_ok=True)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "net.onnx"
-                graph = _NetGraph(fast_network(self.net), pre_logits)
+                graph = _NetGraph(fast_network(self.net), pre_logits, nhwc=True)
                 with torch.no_grad(), portable_ops(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    _export_onnx(graph, _example("x", size), "x", False, path, ONNX_OPSET)
+                    _export_onnx(graph, _example("x_nhwc", size), "x", False, path,
+                                 ONNX_OPSET)
                 self._sessions[key] = onnxruntime_session(path, self.threads)
                 if cached is not None:
                     try:
@@ -205,6 +210,7 @@ class OnnxRuntimeNet:
         if end_points is not None:
             raise ValueError("the onnxruntime engine returns no end points; use engine='fast'")
         session = self._session(pre_logits, (int(x.shape[-2]), int(x.shape[-1])))
-        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        nhwc = x.detach().cpu().permute(0, 2, 3, 1)  # a view, where x came from a module
+        array = np.ascontiguousarray(nhwc.numpy(), dtype=np.float32)
         (out,) = session.run(None, {"x": array})
         return torch.from_numpy(out)

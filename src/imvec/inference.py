@@ -4,13 +4,13 @@ Engines (``imvec.load(..., engine=...)``):
 
 ``"auto"`` (the default)
     ``"faithful"`` for a trainable module. Otherwise the engine measured fastest on a CPU
-    for the network (benchmarks/bench_models.py): ``"onnxruntime"`` for MobileNet V1 and
-    NASNet-A mobile when ONNX Runtime is installed (``pip install 'imvec[onnx]'``), else
-    ``"fast"``. ``$IMVEC_ENGINE`` overrides the choice.
+    (benchmarks/bench_models.py): ``"onnxruntime"`` when ONNX Runtime is installed
+    (``pip install 'imvec[onnx]'``), except for AmoebaNet-A; else ``"fast"``.
+    ``$IMVEC_ENGINE`` overrides the choice.
 ``"fast"``
     :func:`imvec.nets.fast.fast_network`: BN folded into the convolutions, channels_last,
     relu and adds fused into oneDNN convolutions, each relu computed once. Same outputs
-    as the faithful graph to ~1e-6 relative. The fastest on the 331px networks.
+    as the faithful graph to ~1e-6 relative. No export step; end points; AmoebaNet-A.
 ``"compile"``
     The fast graph in standard ops under ``torch.compile`` (needs a C++ compiler; the
     first call compiles, 40 s for NASNet-mobile, minutes for the large networks). Faster
@@ -19,8 +19,8 @@ Engines (``imvec.load(..., engine=...)``):
 ``"onnxruntime"``
     The fast graph exported to ONNX and run by ONNX Runtime (``pip install imvec[onnx]``).
     It has the least overhead per operation: on 2 CPU cores it ran MobileNet V1 2.2x
-    (batch 1) and 1.3x (batch 16) faster than ``"fast"``, NASNet-mobile 2.6x and 1.1x; on
-    the 331px networks the two tie at batch 16 and ``"fast"`` wins at batch 1. The export
+    (batch 1) and 1.3x (batch 16) faster than ``"fast"``, NASNet-mobile 2.6x and 1.1x,
+    NASNet-large 1.06x and 1.04x. The export
     (seconds) happens on the first call and is cached under ``$IMVEC_HOME/onnx``. Returns
     no end points (``as_dict=True`` runs ``"fast"``); inputs not on the CPU run ``"fast"``
     when the engine was chosen by ``"auto"``.
@@ -51,8 +51,10 @@ __all__ = ["ENGINES", "InferenceGraph", "optimize", "tune_allocator"]
 
 ENGINES = ("auto", "fast", "compile", "onnxruntime", "faithful")
 ENV_ENGINE = "IMVEC_ENGINE"
-# Networks that ONNX Runtime runs faster than the fast graph on a CPU, at batch 1 and 16.
-ONNXRUNTIME_FIRST = frozenset({"mobilenet_v1", "nasnet_mobile"})
+# "auto" runs ONNX Runtime on a CPU: it ran every network faster than the fast graph at
+# batch 1 and 16 (benchmarks/bench_models.py), except AmoebaNet-A, whose 1.8 GB of weights
+# the exporter cannot put in one ONNX protobuf (2 GB limit, slow external-data export).
+FAST_FIRST = frozenset({"amoebanet_a"})
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 _ALLOCATOR_TUNED = [False]
@@ -110,16 +112,16 @@ def check_engine(engine: str | None, trainable: bool, network: str | None = None
         if chosen not in ENGINES[1:]:
             raise ValueError(f"${ENV_ENGINE}={chosen!r}; choose one of {', '.join(ENGINES[1:])}")
         return chosen
-    return ("onnxruntime" if network in ONNXRUNTIME_FIRST and onnxruntime_available()
+    return ("onnxruntime" if network not in FAST_FIRST and onnxruntime_available()
             else "fast")
 
 
 def _build(net: nn.Module, engine: str) -> Callable[..., torch.Tensor]:
+    _auto_tune_allocator()  # also spares the onnxruntime engine's inputs fresh page faults
     if engine == "onnxruntime":
         from imvec.export import OnnxRuntimeNet
 
         return OnnxRuntimeNet(net)
-    _auto_tune_allocator()
     if engine == "compile":
         return _compiled(net)
     return fast_network(net)

@@ -294,7 +294,9 @@ class Module(nn.Module):
                 raise InputError(f"{contract}; got values in [{lo:.4g}, {hi:.4g}]. Scale "
                                  "8-bit images by 1/255; undo any mean/std normalization.")
         if array is not None:
-            x = torch.from_numpy(array * np.float32(2.0) - np.float32(1.0))
+            scaled = array * np.float32(2.0)
+            scaled -= np.float32(1.0)  # in place: one array, as x * 2 - 1 would round
+            x = torch.from_numpy(scaled)
         else:
             x = x * 2.0 - 1.0
         return x.permute(0, 3, 1, 2)
