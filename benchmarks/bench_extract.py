@@ -217,7 +217,7 @@ def end_to_end_child(name: str, folder: str, out: str, batch: str, overlap: str)
 
     if overlap != "None":
         pipeline.run_local = functools.partial(pipeline.run_local, overlap=overlap == "True")
-    module = imvec.load(name, pretrained=False)
+    module = imvec.load(name, pretrained=False, engine="fast")
     start = time.perf_counter()
     result = run(ExtractJob((folder,), module, out, batch_size=int(batch), progress=False,
                             overwrite=True))
@@ -228,7 +228,7 @@ def bench_network(name: str, folder: Path, out: Path, seconds: float,
                   overlap_too: bool) -> dict:
     """Each rate from clean measurements only (see ``quiet``), taken one after the other
     on the same cores."""
-    module = imvec.load(name, pretrained=False)
+    module = imvec.load(name, pretrained=False, engine="fast")
     size = imvec.get_expected_image_size(module)
     sweep = {}
     for batch in BATCHES:

@@ -209,3 +209,15 @@ def test_both_scheduling_modes_give_the_same_result(tmp_path, module, monkeypatc
     ids, features = read_features(overlapped.output)
     assert (ids, overlapped.failed) == (read_features(turns.output)[0], 1)
     np.testing.assert_allclose(features, read_features(turns.output)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_models_loaded_by_name_run_the_fast_engine(weights, monkeypatch):
+    from imvec.extract.provenance import load_module
+
+    monkeypatch.delenv("IMVEC_ENGINE", raising=False)
+    assert load_module(str(weights)).engine == "fast"  # measured: ORT gains nothing here
+    monkeypatch.setenv("IMVEC_ENGINE", "faithful")
+    assert load_module(str(weights)).engine == "faithful"
+    given = imvec.load(weights, engine="faithful")
+    monkeypatch.delenv("IMVEC_ENGINE")
+    assert load_module(given) is given

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import imvec
 from imvec.data.preprocess import Preprocessing
 from imvec.errors import InputError
+from imvec.inference import ENV_ENGINE
 from imvec.module import Module
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
 
@@ -26,7 +28,13 @@ _COMPARED = ("handle", "network", "hparams", "variant", "num_features", "weights
 
 
 def load_module(model: Any) -> Module:
-    return model if isinstance(model, Module) else imvec.load(model)
+    """A module loaded by name or path runs the eager ``fast`` engine: on a CPU shared with
+    the decoding workers, ONNX Runtime's thread pool gained nothing end to end (NASNet-mobile
+    72 vs 72 img/s, MobileNet 381 vs 372 on 2 cores, benchmarks/bench_extract.py) and cost
+    an export on first use. A Module passed in keeps its engine; so does $IMVEC_ENGINE."""
+    if isinstance(model, Module):
+        return model
+    return imvec.load(model, engine=None if os.environ.get(ENV_ENGINE) else "fast")
 
 
 def weights_sha256(module: Module) -> str:
