@@ -169,11 +169,15 @@ class Contestant:
                 self.process.wait()
 
 
-def contestants(network: str, args: argparse.Namespace) -> list[Contestant]:
+def default_engine(network: str) -> str:
+    """The engine the "imvec" contestant (``engine="auto"``) runs for ``network``."""
     from imvec.inference import check_engine
     from imvec.registry import find_card
 
-    default = check_engine("auto", False, find_card(network).network)  # what "imvec" runs
+    return check_engine("auto", False, find_card(network).network)
+
+
+def contestants(network: str, default: str, args: argparse.Namespace) -> list[Contestant]:
     ours = [OURS] + [f"imvec-{e}" for e in args.engines if e != default]
     if network == "amoebanet_a_n18_f448":  # 1.9 GB of weights: over ONNX's 2 GB protobuf
         ours = [k for k in ours if k != "imvec-onnxruntime"]
@@ -195,7 +199,8 @@ def contestants(network: str, args: argparse.Namespace) -> list[Contestant]:
 
 def bench_network(network: str, args: argparse.Namespace) -> dict[str, Any]:
     size = NETWORKS[network][0]
-    field_ = contestants(network, args)
+    default = default_engine(network)
+    field_ = contestants(network, default, args)
     print(f"\n== {network} ({size}x{size}): {', '.join(c.kind for c in field_)}", flush=True)
     for c in field_:
         if c.error is None:
@@ -236,12 +241,9 @@ def bench_network(network: str, args: argparse.Namespace) -> dict[str, Any]:
     for c in live:
         c.memory = c.ask({"cmd": "memory"}, 60) or {}
         c.stop()
-    from imvec.inference import check_engine
-    from imvec.registry import find_card
-
     return {
         "input_size": size,
-        "default_engine": check_engine("auto", False, find_card(network).network),
+        "default_engine": default,
         "results": {c.kind: summarize(c) for c in field_},
     }
 

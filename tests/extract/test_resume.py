@@ -129,6 +129,14 @@ class SimulatedCrash(Exception):
     pass
 
 
+def crash_midway(folder, module, out, monkeypatch) -> None:
+    """A run that crashes after its second batch of 2 (parts committed every 2 images)."""
+    crash_after(monkeypatch, 2)
+    with pytest.raises(SimulatedCrash):
+        run(job(folder, module, out, commit_every=2, batch_size=2))
+    monkeypatch.undo()
+
+
 def crash_after(monkeypatch, batches: int) -> None:
     """Make the model fail on batch ``batches + 1`` (like a crash; committed parts stay)."""
     from imvec.extract import pipeline
@@ -152,10 +160,7 @@ def crash_after(monkeypatch, batches: int) -> None:
 def test_different_model_or_preprocessing_refuses_to_append(tmp_path, module, monkeypatch):
     folder = make_folder(tmp_path / "in", 6)
     out = tmp_path / "f.parquet"
-    crash_after(monkeypatch, 2)
-    with pytest.raises(SimulatedCrash):
-        run(job(folder, module, out, commit_every=2, batch_size=2))
-    monkeypatch.undo()
+    crash_midway(folder, module, out, monkeypatch)
     assert parts(out)
     other = imvec.load("mobilenet_v1_050_160", pretrained=False)
     with pytest.raises(ResumeError, match=r"unfinished work made differently: model hparams "
@@ -245,10 +250,7 @@ def _raise(*args, **kwargs):
 def test_inputs_changed_between_runs(tmp_path, module, monkeypatch):
     folder = make_folder(tmp_path / "in", 8)
     out = tmp_path / "f.parquet"
-    crash_after(monkeypatch, 2)
-    with pytest.raises(SimulatedCrash):
-        run(job(folder, module, out, commit_every=2, batch_size=2))
-    monkeypatch.undo()
+    crash_midway(folder, module, out, monkeypatch)
     gone = sorted(folder.rglob("*.jpg"))[0]
     gone.unlink()
     save(np.full((64, 64, 3), 7, np.uint8), folder / "aaa.png")
@@ -261,10 +263,7 @@ def test_inputs_changed_between_runs(tmp_path, module, monkeypatch):
 def test_repeated_rows_in_parts_are_kept_once(tmp_path, module, monkeypatch):
     folder = make_folder(tmp_path / "in", 6)
     out = tmp_path / "f.parquet"
-    crash_after(monkeypatch, 2)
-    with pytest.raises(SimulatedCrash):
-        run(job(folder, module, out, commit_every=2, batch_size=2))
-    monkeypatch.undo()
+    crash_midway(folder, module, out, monkeypatch)
     first = parts(out)[0]
     copy = first.with_name("part-r0copy.parquet")  # e.g. a retried Ray task
     table = pq.read_table(first)
