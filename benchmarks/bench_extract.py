@@ -4,9 +4,11 @@
 
 For each network, on a folder of generated photo-like JPEGs (500x375, quality 90):
 
-- model-only: images/s of the module on ready tensors, torch using every core, at the
-  batch size that is fastest (measured here first, from a sweep);
-- decode-only: images/s of decode + resize in the worker pool, one worker per core;
+- model-only: images/s of the module on ready tensors (already scaled to the network's
+  range, as the pipeline hands them over), torch using every core, at the batch size
+  that is fastest (measured here first, from a sweep);
+- decode-only: images/s of decode + resize + scaling in the worker pool, one worker per
+  core, into the shared batch buffers as in the pipeline;
 - end-to-end: images/s of ``imvec.extract.run`` on the folder in a fresh process, as
   ``imvec extract`` runs (listing, worker start, decoding, the model with its first-batch
   warm-up, committing parts, assembling the Parquet file);
@@ -49,7 +51,6 @@ import imvec
 from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import list_images
 from imvec.extract import ExtractJob, run
-from imvec.extract.pipeline import chunked
 from imvec.extract.pool import DecodePool, default_workers
 
 RESULTS = Path(__file__).parent / "results" / "extract.json"
@@ -145,18 +146,21 @@ def quiet(measure, wanted: int = 2, tries: int = 12) -> dict:
 
 
 def model_rate(module, size, batch: int, seconds: float) -> tuple[float, float]:
-    images = torch.rand(batch, *size, 3)
+    """The model as the pipeline runs it: on images the workers already scaled."""
+    images = torch.rand(batch, *size, 3) * 2 - 1
 
     def forward():
         with torch.inference_mode():
-            module(images)
+            module.forward_scaled(images)
 
     return rate(forward, batch, seconds)
 
 
-def decode_rate(items, preprocessing, workers: int) -> tuple[float, float]:
-    with Measure() as measure, DecodePool(preprocessing, workers) as pool:
-        for _ in pool.imap(chunked(items, 8)):
+def decode_rate(items, preprocessing, workers: int, batch: int) -> tuple[float, float]:
+    """Decoding alone, as the pipeline decodes (batches into shared buffers), never
+    waiting for a consumer."""
+    with Measure() as measure, DecodePool(preprocessing, workers, batch, lookahead=2) as pool:
+        for _ in pool.batches(items):
             pass
     return len(items) / measure.wall, measure.others
 
@@ -238,7 +242,7 @@ def bench_network(name: str, folder: Path, out: Path, seconds: float,
     items = list_images([folder])
     workers = default_workers()
     model = quiet(lambda: model_rate(module, size, batch, seconds))
-    decode = quiet(lambda: decode_rate(items, Preprocessing(size), workers))
+    decode = quiet(lambda: decode_rate(items, Preprocessing(size), workers, batch))
     e2e = quiet(lambda: end_to_end_rate(name, folder, out, batch))
     print(f"  {name}: model {model}\n  decode {decode}\n  end-to-end {e2e}", file=sys.stderr)
     bound = 1 / (1 / model["rate"] + 1 / decode["rate"])

@@ -40,6 +40,20 @@ def test_features_from_numpy_and_torch_agree_with_tf(small_nasnet, tf_inputs):
     assert_close("classifier features", features.numpy(), expected["features"])
 
 
+def test_scaled_images_give_tf_features_through_every_engine(small_nasnet, tf_inputs):
+    """The extraction workers' path: ``to_network_range`` then ``forward_scaled``."""
+    expected = np.load(FIXTURES / "nasnet_mobile_small" / "expected.npz")["features"]
+    scaled = torch.from_numpy(imvec.module.to_network_range(tf_inputs))
+    np.testing.assert_array_equal(scaled.numpy(), tf_inputs * np.float32(2) - np.float32(1))
+    for options in ({"engine": "fast"}, {"engine": "faithful"}, {"trainable": True}):
+        module = small_nasnet(**options)
+        with torch.no_grad():
+            assert_close(f"forward_scaled {options}", module.forward_scaled(scaled).numpy(),
+                         expected)
+            np.testing.assert_array_equal(module.forward_scaled(scaled).numpy(),
+                                          module(tf_inputs).numpy())
+
+
 @pytest.mark.parametrize("images,match", [
     (np.zeros((1, 3, 224, 224), np.float32), "looks like NCHW"),
     (np.zeros((224, 224, 3), np.float32), "Add a batch dimension"),

@@ -24,10 +24,20 @@ from imvec.nets.ops import BatchNorm
 from imvec.registry import Card
 from imvec.weights.mapping import variable_map
 
-__all__ = ["DEFAULT_BN_MOMENTUM", "Module", "TensorInfo", "get_expected_image_size"]
+__all__ = ["DEFAULT_BN_MOMENTUM", "Module", "TensorInfo", "get_expected_image_size",
+           "to_network_range"]
 
 DEFAULT_BN_MOMENTUM = 0.99  # TF decay; the v3 cards' default for fine-tuning
 RANGE_TOLERANCE = 1e-4  # resampling may overshoot [0, 1] by rounding; more is an error
+
+
+def to_network_range(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``images * 2 - 1`` in float32, as the hub graphs scale [0, 1] to the networks'
+    [-1, 1] (in place into ``out`` when given): the one definition the module and the
+    extraction workers share, so both feed the network bit-identical inputs."""
+    out = np.multiply(images, np.float32(2.0), out=out, dtype=np.float32)
+    out -= np.float32(1.0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -220,6 +230,19 @@ class Module(nn.Module):
         signature = self._signature(signature)
         images, momentum = self._unpack(inputs, signature, kwargs)
         x = self._check_images(images)
+        return self._run(x, signature, momentum, as_dict)
+
+    def forward_scaled(self, images: torch.Tensor) -> torch.Tensor:
+        """The default signature's output for images already checked and scaled:
+        ``[B, H, W, 3]`` float32 in the network's range, i.e. ``to_network_range`` of
+        valid images, on the module's device. Nothing is checked: this is for pipelines
+        that decode and scale in worker processes (``imvec extract``); use ``module(images)``
+        otherwise."""
+        signature = self._signature(None)
+        return self._run(images.permute(0, 3, 1, 2), signature, None, False)
+
+    def _run(self, x: torch.Tensor, signature: str, momentum: Any,
+             as_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
         end_points: dict[str, torch.Tensor] | None = {} if as_dict else None
         if self._inference is not None:  # trainable=False: the engine, not the faithful graph
             out = self._inference(x, end_points, not self._returns_logits(signature))
@@ -293,12 +316,7 @@ class Module(nn.Module):
             if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):
                 raise InputError(f"{contract}; got values in [{lo:.4g}, {hi:.4g}]. Scale "
                                  "8-bit images by 1/255; undo any mean/std normalization.")
-        if array is not None:
-            scaled = array * np.float32(2.0)
-            scaled -= np.float32(1.0)  # in place: one array, as x * 2 - 1 would round
-            x = torch.from_numpy(scaled)
-        else:
-            x = x * 2.0 - 1.0
+        x = torch.from_numpy(to_network_range(array)) if array is not None else x * 2.0 - 1.0
         return x.permute(0, 3, 1, 2)
 
 

@@ -1,4 +1,5 @@
-"""DecodePool: order kept, memory bounded, a crashing decoder costs one image only."""
+"""DecodePool: batches in order, straight into shared buffers, memory bounded, a crashing
+decoder costs one image only."""
 
 import os
 
@@ -10,36 +11,43 @@ from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item, list_images
 from imvec.extract.pool import CRASHED, DecodePool, decode_items
 
+fork_only = pytest.mark.skipif(not hasattr(os, "fork"),
+                               reason="shared buffers and patched decoders reach workers by fork")
 
-def test_chunks_come_back_in_order_with_per_image_errors(tmp_path):
+
+@pytest.mark.parametrize("shared", [pytest.param(True, marks=fork_only), False])
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_batches_come_in_order_scaled_with_per_image_errors(tmp_path, shared, lookahead):
     folder = make_folder(tmp_path, 9, size=20)
     (folder / "group0" / "bad.jpg").write_bytes(b"nope")
     items = list_images([folder])
     preprocessing = Preprocessing((8, 8))
-    chunks = [items[i:i + 2] for i in range(0, len(items), 2)]
-    with DecodePool(preprocessing, 2) as pool:
-        results = list(pool.imap(chunks))
-    assert [i.id for r in results for i in r.items] == [i.id for i in items]
-    errors = [e for r in results for e in r.errors]
+    with DecodePool(preprocessing, 2, batch_size=4, lookahead=lookahead, chunk=1,
+                    shared=shared) as pool:
+        assert pool.ring.shared is shared
+        batches = [(b.items, b.errors, b.images.copy()) for b in pool.batches(items)]
+    assert [len(i) for i, _, _ in batches] == [4, 4, 2]
+    assert [i.id for b in batches for i in b[0]] == [i.id for i in items]
+    errors = [e for b in batches for e in b[1]]
     assert [i.id for i, e in zip(items, errors, strict=True) if e] == ["group0/bad.jpg"]
-    images = np.concatenate([r.images for r in results])
+    images = np.concatenate([b[2] for b in batches])[[e is None for e in errors]]
     expected = decode_items(preprocessing, [i for i in items if i.id != "group0/bad.jpg"])
-    np.testing.assert_array_equal(images, expected.images)
+    # The network's input, rounded as the module rounds (images * 2 - 1 in float32).
+    np.testing.assert_array_equal(images, expected.images * np.float32(2) - np.float32(1))
 
 
-def test_at_most_a_bounded_number_of_chunks_in_flight(tmp_path):
+def test_shared_buffers_are_reused_and_only_lookahead_batches_decode_ahead(tmp_path):
     folder = make_folder(tmp_path, 30, size=12)
     items = list_images([folder])
-    pulled = []
-
-    def chunks():
-        for item in items:
-            pulled.append(item)
-            yield [item]
-
-    with DecodePool(Preprocessing((4, 4)), 2) as pool:
-        for got, _ in enumerate(pool.imap(chunks()), 1):
-            assert len(pulled) - got < pool.max_in_flight
+    pool = DecodePool(Preprocessing((4, 4)), 2, batch_size=3, lookahead=1)
+    assert pool.ring.slots == 2
+    with pool:
+        seen = set()
+        for got, batch in enumerate(pool.batches(items), 1):
+            seen.add(batch.images.__array_interface__["data"][0])
+            assert len(pool._pending) <= pool.lookahead * -(-3 // pool.chunk)
+            assert got * 3 <= len(items)
+    assert len(seen) == 2  # two buffers, taken in turn
 
 
 def _crash_on_poison(self, source):
@@ -51,21 +59,26 @@ def _crash_on_poison(self, source):
 _real_call = Preprocessing.__call__
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="the patched decoder reaches workers by fork")
-def test_a_decoder_that_kills_its_worker_costs_only_that_image(tmp_path, monkeypatch):
+@fork_only
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_decoder_that_kills_its_worker_costs_only_that_image(tmp_path, monkeypatch, shared):
     folder = make_folder(tmp_path, 6, size=16)
     (folder / "group1" / "poison.jpg").write_bytes(b"whatever")
     monkeypatch.setattr(Preprocessing, "__call__", _crash_on_poison)
     items = list_images([folder])
-    chunks = [items[i:i + 3] for i in range(0, len(items), 3)]
-    with DecodePool(Preprocessing((4, 4)), 2) as pool:
-        results = list(pool.imap(chunks))
+    with DecodePool(Preprocessing((4, 4)), 2, batch_size=4, lookahead=1, chunk=2,
+                    shared=shared) as pool:
+        batches = [(b.items, b.errors, b.images.copy()) for b in pool.batches(items)]
         assert pool.restarts >= 1
-    errors = {i.id: e for r in results for i, e in zip(r.items, r.errors, strict=True)}
+    errors = {i.id: e for its, errs, _ in batches for i, e in zip(its, errs, strict=True)}
     assert errors.pop("group1/poison.jpg") == CRASHED
     assert set(errors) == {i.id for i in items} - {"group1/poison.jpg"}
     assert not any(errors.values())
-    assert sum(len(r.images) for r in results) == 6
+    monkeypatch.undo()
+    good = [i for i in items if i.id != "group1/poison.jpg"]
+    images = np.concatenate([im for _, _, im in batches])[[i.id in errors for i in items]]
+    np.testing.assert_array_equal(
+        images, decode_items(Preprocessing((4, 4)), good).images * np.float32(2) - 1)
 
 
 def test_decode_items_turns_unexpected_exceptions_into_reasons(monkeypatch):

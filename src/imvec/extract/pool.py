@@ -1,9 +1,12 @@
-"""Decode and resize in worker processes, in order, with a bounded number of chunks in flight.
+"""Decode and resize in worker processes, batch by batch, straight into shared buffers.
 
-At most ``2 * workers + 2`` chunks are decoded or waiting at any time, so memory stays
-bounded whatever the collection size. A bad image is a per-image error, never the end of
-the job; even a decoder that kills its worker process only costs that image: the pool is
-restarted and the chunk retried one image at a time to find the culprit.
+Workers write each decoded image, scaled to the network's range, into its row of a batch
+buffer (:class:`~imvec.extract.ring.BatchRing`), so the model reads batches in place. A
+batch's chunks are spread over the workers; at most ``lookahead`` batches beyond the one
+the caller holds are decoded ahead, so memory stays bounded whatever the collection size.
+A bad image is a per-image error, never the end of the job; even a decoder that kills its
+worker process only costs that image: the pool is restarted and the chunk retried one
+image at a time to find the culprit.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -23,8 +26,11 @@ import numpy as np
 from imvec.data.decode import ImageDecodeError
 from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item
+from imvec.extract.ring import BatchRing
+from imvec.inference import tune_allocator
+from imvec.module import to_network_range
 
-__all__ = ["DecodePool", "Decoded", "decode_items", "default_workers"]
+__all__ = ["Batch", "DecodePool", "Decoded", "decode_items", "default_workers"]
 
 CRASHED = "the decoder crashed on this image (its worker process died)"
 
@@ -45,6 +51,12 @@ class Decoded:
     errors: list[str | None]  # per item; None = decoded
 
 
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ImageDecodeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"  # a decoder bug is still only this image's problem
+
+
 def decode_items(preprocessing: Preprocessing, items: Sequence[Item]) -> Decoded:
     """Decode a chunk in this process; every failure becomes that image's reason."""
     images, errors = [], []
@@ -52,13 +64,43 @@ def decode_items(preprocessing: Preprocessing, items: Sequence[Item]) -> Decoded
         try:
             images.append(preprocessing(item.path))
             errors.append(None)
-        except ImageDecodeError as exc:
-            errors.append(str(exc))
-        except Exception as exc:  # any decoder bug is still only this image's problem
-            errors.append(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(_reason(exc))
     height, width = preprocessing.size
     stacked = np.stack(images) if images else np.empty((0, height, width, 3), np.float32)
     return Decoded(items, stacked, errors)
+
+
+@dataclass
+class Batch:
+    """Items of one batch, their reasons (None = decoded) and their network inputs.
+
+    ``images`` are rows of a shared buffer, valid until the next batch is asked for; the
+    row of a failed item holds meaningless (finite) values."""
+
+    items: Sequence[Item]
+    errors: list[str | None]
+    images: np.ndarray  # [len(items), H, W, 3] float32 in the network's range
+
+
+_RING: list[np.ndarray | None] = [None]  # a worker's view of the shared buffers
+
+
+def _decode_chunk(preprocessing: Preprocessing, items: Sequence[Item], slot: int,
+                  start: int) -> tuple[list[str | None], np.ndarray | None]:
+    """Worker: decode ``items`` into rows ``start...`` of buffer ``slot``. Returns the
+    reasons, and the rows themselves when the buffers are not shared with this process."""
+    ring = _RING[0]
+    rows = (ring[slot, start:start + len(items)] if ring is not None else
+            np.zeros((len(items), *preprocessing.size, 3), np.float32))
+    errors: list[str | None] = []
+    for row, item in zip(rows, items, strict=True):
+        try:
+            to_network_range(preprocessing(item.path), out=row)
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(_reason(exc))
+    return errors, (None if ring is not None else rows)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -76,8 +118,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(parent: int) -> None:
+def _init_worker(parent: int, ring: np.ndarray | None) -> None:
     _die_with_parent(parent)
+    _RING[0] = ring
+    # Every image allocates the same few 0.1-2 MB arrays; glibc's default would hand them
+    # back to the kernel and fault them in again each time (decoding ran 1.5x slower).
+    tune_allocator(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     try:
         import cv2
@@ -96,14 +142,35 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context()
 
 
-class DecodePool:
-    """Ordered, bounded, crash-tolerant decoding of chunks of items."""
+@dataclass
+class _Chunk:
+    slot: int
+    start: int
+    items: Sequence[Item]
+    future: Future
 
-    def __init__(self, preprocessing: Preprocessing, workers: int) -> None:
-        self.preprocessing, self.workers = preprocessing, workers
-        self.max_in_flight = 2 * workers + 2
+
+class DecodePool:
+    """Ordered, bounded, crash-tolerant decoding of batches into shared buffers.
+
+    ``lookahead``: batches decoded ahead of the one the caller holds (0: decoding waits
+    while the caller runs the model, i.e. they take turns). ``chunk``: images per task
+    (default: about four tasks per worker per batch, so no worker idles long at the end
+    of a batch). ``shared``: workers write into shared memory (default: where they are
+    forked, i.e. on Linux).
+    """
+
+    def __init__(self, preprocessing: Preprocessing, workers: int, batch_size: int,
+                 lookahead: int = 0, chunk: int | None = None,
+                 shared: bool | None = None) -> None:
+        self.preprocessing, self.workers, self.lookahead = preprocessing, workers, lookahead
+        self.batch_size = batch_size
+        self.chunk = chunk or max(1, -(-batch_size // (4 * workers)))
+        if shared is None:
+            shared = _context().get_start_method() == "fork"
+        self.ring = BatchRing(lookahead + 1, batch_size, preprocessing.size, shared)
         self._executor: ProcessPoolExecutor | None = None
-        self._pending: deque[tuple[Sequence[Item], Future]] = deque()
+        self._pending: deque[_Chunk] = deque()  # submitted, not yet collected, in order
         self.restarts = 0
 
     def __enter__(self) -> DecodePool:
@@ -114,9 +181,10 @@ class DecodePool:
         self.close()
 
     def _start(self) -> None:
+        ring = self.ring.array if self.ring.shared else None
         self._executor = ProcessPoolExecutor(self.workers, mp_context=_context(),
                                              initializer=_init_worker,
-                                             initargs=(os.getpid(),))
+                                             initargs=(os.getpid(), ring))
 
     def close(self) -> None:
         if self._executor is not None:
@@ -127,36 +195,57 @@ class DecodePool:
         self.restarts += 1
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._start()
-        self._pending = deque((c, self._submit(c)) for c, _ in self._pending)
+        for chunk in self._pending:  # finished ones keep their result
+            if not chunk.future.done() or chunk.future.exception() is not None:
+                chunk.future = self._submit(chunk.items, chunk.slot, chunk.start)
 
-    def _submit(self, items: Sequence[Item]) -> Future:
-        return self._executor.submit(decode_items, self.preprocessing, items)
+    def _submit(self, items: Sequence[Item], slot: int, start: int) -> Future:
+        return self._executor.submit(_decode_chunk, self.preprocessing, items, slot, start)
 
-    def imap(self, chunks: Iterable[Sequence[Item]]) -> Iterator[Decoded]:
-        """Decoded chunks in the order given, decoding ahead while the caller works."""
+    def _decode_later(self, items: Sequence[Item], slot: int) -> list[_Chunk]:
+        chunks = [_Chunk(slot, start, items[start:start + self.chunk],
+                         self._submit(items[start:start + self.chunk], slot, start))
+                  for start in range(0, len(items), self.chunk)]
+        self._pending.extend(chunks)
+        return chunks
+
+    def batches(self, items: Sequence[Item]) -> Iterator[Batch]:
+        """``items`` in batches of ``batch_size``, in order, decoded."""
+        groups = (items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size))
+        ahead: deque[tuple[Sequence[Item], int, list[_Chunk]]] = deque()
+        for index, group in enumerate(groups):
+            slot = index % self.ring.slots  # free: its last batch was handed on before
+            ahead.append((group, slot, self._decode_later(group, slot)))
+            if len(ahead) > self.lookahead:
+                yield self._collect(*ahead.popleft())
+        while ahead:
+            yield self._collect(*ahead.popleft())
+
+    def _collect(self, group: Sequence[Item], slot: int, chunks: list[_Chunk]) -> Batch:
+        errors: list[str | None] = []
         for chunk in chunks:
-            self._pending.append((chunk, self._submit(chunk)))
-            if len(self._pending) >= self.max_in_flight:
-                yield self._next()
-        while self._pending:
-            yield self._next()
-
-    def _next(self) -> Decoded:
-        chunk, future = self._pending.popleft()
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            self._restart()
-            return self._one_by_one(chunk)
-
-    def _one_by_one(self, chunk: Sequence[Item]) -> Decoded:
-        parts = []
-        for item in chunk:
+            self._pending.popleft()
             try:
-                parts.append(self._submit([item]).result())
+                reasons, rows = chunk.future.result()
             except BrokenProcessPool:
                 self._restart()
-                parts.append(Decoded([item], np.empty((0, *self.preprocessing.size, 3),
-                                                      np.float32), [CRASHED]))
-        return Decoded(chunk, np.concatenate([p.images for p in parts]),
-                       [e for p in parts for e in p.errors])
+                reasons, rows = self._one_by_one(chunk)
+            if rows is not None:
+                self.ring.array[slot, chunk.start:chunk.start + len(rows)] = rows
+            errors.extend(reasons)
+        return Batch(group, errors, self.ring.array[slot, :len(group)])
+
+    def _one_by_one(self, chunk: _Chunk) -> tuple[list[str | None], np.ndarray | None]:
+        reasons, parts = [], []
+        for offset, item in enumerate(chunk.items):
+            try:
+                reason, rows = self._submit([item], chunk.slot, chunk.start + offset).result()
+            except BrokenProcessPool:
+                self._restart()
+                reason, rows = [CRASHED], np.zeros((1, *self.preprocessing.size, 3),
+                                                   np.float32)
+            reasons.extend(reason)
+            parts.append(rows)
+        if self.ring.shared:
+            return reasons, None
+        return reasons, np.concatenate(parts)

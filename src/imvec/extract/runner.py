@@ -93,7 +93,8 @@ def _compute(job, module, todo, work, preprocessing, device, update) -> None:
         return
     from imvec.extract.pipeline import run_local
 
-    module.to(device)
+    if next(module.parameters()).device != device:
+        module.to(device)  # only when needed: moving drops the built inference engine
     run_local(module, todo, work, preprocessing, batch_size,
               job.workers or default_workers(), device, update)
 
