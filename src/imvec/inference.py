@@ -56,11 +56,11 @@ ENV_ENGINE = "IMVEC_ENGINE"
 # the exporter cannot put in one ONNX protobuf (2 GB limit, slow external-data export).
 FAST_FIRST = frozenset({"amoebanet_a"})
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
 _ALLOCATOR_TUNED = [False]
 
 
-def tune_allocator(enable: bool = True) -> bool:
+def tune_allocator(enable: bool = True, largest: int | None = None) -> bool:
     """Keep freed activation memory in the process (glibc malloc) instead of returning it.
 
     glibc serves blocks above 32 MB with a fresh ``mmap`` and unmaps them on free, so every
@@ -69,6 +69,10 @@ def tune_allocator(enable: bool = True) -> bool:
     mmap off and trimming raised, freed blocks are reused. The price: the process keeps
     its peak memory. Process-wide; a no-op off glibc. ``IMVEC_MALLOC_TUNING=0`` disables
     the automatic call made when the first fast engine is built.
+
+    ``largest``: keep only blocks up to this many bytes (at most 32 MB); larger ones are
+    mapped and unmapped as usual, so a process that rarely meets a huge array (a
+    decoding worker, a 50-megapixel photo) does not hold on to it.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -76,7 +80,10 @@ def tune_allocator(enable: bool = True) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    if enable:
+    if enable and largest:
+        ok = (libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_MMAP_THRESHOLD, largest)
+              and libc.mallopt(_M_TRIM_THRESHOLD, 2 * largest))
+    elif enable:
         ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
     else:  # glibc's defaults
         ok = libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)

@@ -88,3 +88,28 @@ def test_decode_items_turns_unexpected_exceptions_into_reasons(monkeypatch):
     monkeypatch.setattr(Preprocessing, "__call__", boom)
     result = decode_items(Preprocessing((4, 4)), [Item("a", "a.jpg")])
     assert result.errors == ["RuntimeError: decoder bug"] and result.images.shape == (0, 4, 4, 3)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_workers_give_back_a_huge_images_memory(tmp_path):
+    from PIL import Image
+
+    make_folder(tmp_path / "small", 1, size=64)
+    Image.new("RGB", (6000, 5000), (90, 120, 200)).save(tmp_path / "huge.jpg")  # 90 MB RGB
+    items = [*list_images([tmp_path / "small"]), Item("huge", str(tmp_path / "huge.jpg"))]
+    with DecodePool(Preprocessing((8, 8)), 1, batch_size=1) as pool:
+        batches = pool.batches(items)
+        next(batches)
+        (pid,) = pool._executor._processes
+        before = _rss_mb(pid)
+        batch = next(batches)
+        grown = _rss_mb(pid) - before
+    assert batch.errors == [None]
+    np.testing.assert_allclose(batch.images[0, 0, 0], np.array([90, 120, 200]) / 255 * 2 - 1,
+                               atol=2e-2)  # JPEG's color rounding
+    assert grown < 40, f"the worker kept {grown:.0f} MB after decoding one huge image"

@@ -33,6 +33,7 @@ from imvec.module import to_network_range
 __all__ = ["Batch", "DecodePool", "Decoded", "decode_items", "default_workers"]
 
 CRASHED = "the decoder crashed on this image (its worker process died)"
+WORKER_KEEPS_BLOCKS_UP_TO = 32 << 20  # glibc's largest mmap threshold
 
 
 def default_workers() -> int:
@@ -123,7 +124,8 @@ def _init_worker(parent: int, ring: np.ndarray | None) -> None:
     _RING[0] = ring
     # Every image allocates the same few 0.1-2 MB arrays; glibc's default would hand them
     # back to the kernel and fault them in again each time (decoding ran 1.5x slower).
-    tune_allocator(True)
+    # Huge images' buffers still go back at once.
+    tune_allocator(True, largest=WORKER_KEEPS_BLOCKS_UP_TO)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     try:
         import cv2
