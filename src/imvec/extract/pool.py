@@ -123,7 +123,7 @@ def _init_worker(parent: int, ring: np.ndarray | None) -> None:
     _die_with_parent(parent)
     _RING[0] = ring
     # Every image allocates the same few 0.1-2 MB arrays; glibc's default would hand them
-    # back to the kernel and fault them in again each time (decoding ran 1.5x slower).
+    # back to the kernel and fault them in again each time (decoding ran up to 2x slower).
     # Huge images' buffers still go back at once.
     tune_allocator(True, largest=WORKER_KEEPS_BLOCKS_UP_TO)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
