@@ -28,4 +28,13 @@ __all__ = [
     "get_expected_image_size",
     "list_models",
     "load",
+    "read_features",
 ]
+
+
+def __getattr__(name: str):
+    if name == "read_features":  # imported on first use: reading results needs pyarrow
+        from imvec.extract import read_features
+
+        return read_features
+    raise AttributeError(f"module 'imvec' has no attribute {name!r}")

@@ -221,3 +221,10 @@ def test_models_loaded_by_name_run_the_fast_engine(weights, monkeypatch):
     given = imvec.load(weights, engine="faithful")
     monkeypatch.delenv("IMVEC_ENGINE")
     assert load_module(given) is given
+
+
+def test_read_features_is_at_the_top_level():
+    assert imvec.read_features is read_features  # as the README's quick start uses it
+    assert "read_features" in imvec.__all__
+    with pytest.raises(AttributeError, match="no attribute 'read_featurez'"):
+        imvec.read_featurez  # noqa: B018

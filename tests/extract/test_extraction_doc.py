@@ -62,8 +62,5 @@ def test_the_duckdb_queries_run(result):
 def test_the_python_snippets_run(result, monkeypatch):
     pytest.importorskip("pandas")
     monkeypatch.chdir(result.parent)
-    import imvec.extract
-
-    monkeypatch.setattr("imvec.read_features", imvec.extract.read_features, raising=False)
     for block in blocks("python")[1:3]:  # the reading examples
         exec(block, {})
