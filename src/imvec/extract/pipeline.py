@@ -4,8 +4,9 @@ Workers decode each batch straight into a shared buffer (:mod:`imvec.extract.poo
 the model reads in place. With the model on a GPU, the next batches decode while the
 model works on the current one. With the model on the CPU, both need the same cores, and
 taking turns is faster: a decoding worker that preempts one of the model's threads
-stalls all the others at the next barrier, so overlapping cost 6-9% of the throughput
-on 2 cores (benchmarks/bench_extract.py). Rows reach the work folder in listing
+stalls all the others at the next barrier: on 2 cores overlapping reached 0.84-1.02 of
+the rate the two allow together, taking turns a steadier 0.92-1.01
+(benchmarks/bench_extract.py). Rows reach the work folder in listing
 order, failures in their place, and are committed every ``commit_every`` images.
 """
 
