@@ -2,6 +2,7 @@
 decoder costs one image only."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from extract_helpers import make_folder
 
 from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item, list_images
-from imvec.extract.pool import CRASHED, DecodePool, decode_items
+from imvec.extract.pool import CRASHED, DecodePool, decode_into
 
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"),
                                reason="shared buffers and patched decoders reach workers by fork")
@@ -31,9 +32,9 @@ def test_batches_come_in_order_scaled_with_per_image_errors(tmp_path, shared, lo
     errors = [e for b in batches for e in b[1]]
     assert [i.id for i, e in zip(items, errors, strict=True) if e] == ["group0/bad.jpg"]
     images = np.concatenate([b[2] for b in batches])[[e is None for e in errors]]
-    expected = decode_items(preprocessing, [i for i in items if i.id != "group0/bad.jpg"])
+    expected = np.stack([preprocessing(i.path) for i in items if i.id != "group0/bad.jpg"])
     # The network's input, rounded as the module rounds (images * 2 - 1 in float32).
-    np.testing.assert_array_equal(images, expected.images * np.float32(2) - np.float32(1))
+    np.testing.assert_array_equal(images, expected * np.float32(2) - np.float32(1))
 
 
 def test_shared_buffers_are_reused_and_only_lookahead_batches_decode_ahead(tmp_path):
@@ -78,16 +79,36 @@ def test_a_decoder_that_kills_its_worker_costs_only_that_image(tmp_path, monkeyp
     good = [i for i in items if i.id != "group1/poison.jpg"]
     images = np.concatenate([im for _, _, im in batches])[[i.id in errors for i in items]]
     np.testing.assert_array_equal(
-        images, decode_items(Preprocessing((4, 4)), good).images * np.float32(2) - 1)
+        images, np.stack([Preprocessing((4, 4))(i.path) for i in good]) * np.float32(2) - 1)
 
 
-def test_decode_items_turns_unexpected_exceptions_into_reasons(monkeypatch):
+def _slow_or_poison(self, source):
+    if str(source).endswith("poison.jpg"):
+        os._exit(3)
+    time.sleep(0.3)  # still decoding when the poison kills the pool
+    return _real_call(self, source)
+
+
+@fork_only
+def test_an_image_decoding_beside_a_crash_is_not_blamed_for_it(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path, 1, size=16)
+    (folder / "poison.jpg").write_bytes(b"whatever")
+    monkeypatch.setattr(Preprocessing, "__call__", _slow_or_poison)
+    items = list_images([folder])
+    assert [i.id for i in items] == ["group0/img0000.jpg", "poison.jpg"]
+    with DecodePool(Preprocessing((4, 4)), 2, batch_size=2, chunk=1) as pool:
+        (batch,) = [(b.items, b.errors) for b in pool.batches(items)]
+    assert batch[1] == [None, CRASHED]
+
+
+def test_decode_into_turns_unexpected_exceptions_into_reasons(monkeypatch):
     def boom(self, source):
         raise RuntimeError("decoder bug")
 
     monkeypatch.setattr(Preprocessing, "__call__", boom)
-    result = decode_items(Preprocessing((4, 4)), [Item("a", "a.jpg")])
-    assert result.errors == ["RuntimeError: decoder bug"] and result.images.shape == (0, 4, 4, 3)
+    rows = np.full((1, 4, 4, 3), 7, np.float32)
+    errors = decode_into(Preprocessing((4, 4)), [Item("a", "a.jpg")], rows)
+    assert errors == ["RuntimeError: decoder bug"] and (rows == 7).all()  # row left as it was
 
 
 def _rss_mb(pid: int) -> float:

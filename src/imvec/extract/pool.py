@@ -30,7 +30,7 @@ from imvec.extract.ring import BatchRing
 from imvec.inference import tune_allocator
 from imvec.module import to_network_range
 
-__all__ = ["Batch", "DecodePool", "Decoded", "decode_items", "default_workers"]
+__all__ = ["Batch", "DecodePool", "decode_into", "default_workers"]
 
 CRASHED = "the decoder crashed on this image (its worker process died)"
 WORKER_KEEPS_BLOCKS_UP_TO = 32 << 20  # glibc's largest mmap threshold
@@ -43,33 +43,24 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@dataclass
-class Decoded:
-    """One chunk: images of the items that decoded (in order), reasons for the others."""
-
-    items: Sequence[Item]
-    images: np.ndarray  # [n_ok, H, W, 3] float32 in [0, 1]
-    errors: list[str | None]  # per item; None = decoded
-
-
 def _reason(exc: Exception) -> str:
     if isinstance(exc, ImageDecodeError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"  # a decoder bug is still only this image's problem
 
 
-def decode_items(preprocessing: Preprocessing, items: Sequence[Item]) -> Decoded:
-    """Decode a chunk in this process; every failure becomes that image's reason."""
-    images, errors = [], []
-    for item in items:
+def decode_into(preprocessing: Preprocessing, items: Sequence[Item],
+                rows: np.ndarray) -> list[str | None]:
+    """Decode ``items`` into ``rows`` (one each), scaled to the network's range as the
+    module scales; a failure leaves its row as it was and becomes that image's reason."""
+    errors: list[str | None] = []
+    for row, item in zip(rows, items, strict=True):
         try:
-            images.append(preprocessing(item.path))
+            to_network_range(preprocessing(item.path), out=row)
             errors.append(None)
         except Exception as exc:  # noqa: BLE001
             errors.append(_reason(exc))
-    height, width = preprocessing.size
-    stacked = np.stack(images) if images else np.empty((0, height, width, 3), np.float32)
-    return Decoded(items, stacked, errors)
+    return errors
 
 
 @dataclass
@@ -94,14 +85,7 @@ def _decode_chunk(preprocessing: Preprocessing, items: Sequence[Item], slot: int
     ring = _RING[0]
     rows = (ring[slot, start:start + len(items)] if ring is not None else
             np.zeros((len(items), *preprocessing.size, 3), np.float32))
-    errors: list[str | None] = []
-    for row, item in zip(rows, items, strict=True):
-        try:
-            to_network_range(preprocessing(item.path), out=row)
-            errors.append(None)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(_reason(exc))
-    return errors, (None if ring is not None else rows)
+    return decode_into(preprocessing, items, rows), (None if ring is not None else rows)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -197,6 +181,8 @@ class DecodePool:
         self.restarts += 1
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._start()
+
+    def _resubmit_pending(self) -> None:
         for chunk in self._pending:  # finished ones keep their result
             if not chunk.future.done() or chunk.future.exception() is not None:
                 chunk.future = self._submit(chunk.items, chunk.slot, chunk.start)
@@ -230,8 +216,11 @@ class DecodePool:
             try:
                 reasons, rows = chunk.future.result()
             except BrokenProcessPool:
+                # The chunk's images run one at a time, alone in a fresh pool, so a crash
+                # is that image's own and not one of the other chunks'; those follow.
                 self._restart()
                 reasons, rows = self._one_by_one(chunk)
+                self._resubmit_pending()
             if rows is not None:
                 self.ring.array[slot, chunk.start:chunk.start + len(rows)] = rows
             errors.extend(reasons)

@@ -17,7 +17,7 @@ import numpy as np
 from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item
 from imvec.errors import ImvecError
-from imvec.extract.pool import decode_items
+from imvec.extract.pool import decode_into
 from imvec.extract.workdir import WorkDir
 from imvec.module import Module
 
@@ -27,14 +27,13 @@ DECODE_BATCH = 16
 
 
 def _decode(batch: dict, preprocessing: Preprocessing) -> dict:
-    """Ray task: ids and paths in, images (zeros where decoding failed) and reasons out."""
+    """Ray task: ids and paths in, images in the network's range (zeros where decoding
+    failed) and reasons out."""
     items = [Item(str(i), str(p)) for i, p in zip(batch["id"], batch["path"], strict=True)]
-    decoded = decode_items(preprocessing, items)
     images = np.zeros((len(items), *preprocessing.size, 3), np.float32)
-    ok = np.array([e is None for e in decoded.errors], bool)
-    images[ok] = decoded.images
+    errors = decode_into(preprocessing, items, images)
     return {"id": batch["id"], "path": batch["path"], "image": images,
-            "error": np.array([e or "" for e in decoded.errors], dtype=object)}
+            "error": np.array([e or "" for e in errors], dtype=object)}
 
 
 class _Embedder:
@@ -56,7 +55,8 @@ class _Embedder:
         if ok.any():
             with torch.inference_mode():
                 images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))
-                features[ok] = self.module(images.to(self.device)).float().cpu().numpy()
+                features[ok] = self.module.forward_scaled(
+                    images.to(self.device)).float().cpu().numpy()
         return {"id": batch["id"], "path": batch["path"], "feature": features,
                 "error": batch["error"]}
 

@@ -31,7 +31,3 @@ class BatchRing:
     @property
     def slots(self) -> int:
         return self.array.shape[0]
-
-    @property
-    def batch(self) -> int:
-        return self.array.shape[1]
