@@ -6,9 +6,10 @@
 Each contestant runs in its own process and its own virtual environment (imvec in the
 current one, Keras in .venv-tf, timm in .venv-timm; see benchmarks/README.md) and stays
 loaded for the whole network, so the contestants take turns: every round times each of
-them once, in a rotating order, at the same batch size and thread count. On a shared
-machine the load then hits all of them alike; the medians over rounds are reported, with
-the load average at the start and the end.
+them once, in a rotating order, at the same batch size and thread count. Ratios are
+paired by round (see paired_ratios), so a slow phase of the machine or load from other
+programs hits both sides of a ratio alike; the load average at the start and the end is
+recorded.
 
 Writes benchmarks/results/<machine>.json, and beside it a report (<machine>.md) and a
 chart (<machine>.png); ``--render FILE.json`` rewrites the report of an earlier run. Each
@@ -119,6 +120,7 @@ class Contestant:
     build_s: float | None = None
     times: dict[int, list[float]] = field(default_factory=dict)
     cpu_times: dict[int, list[float]] = field(default_factory=dict)
+    turns: dict[int, list[float | None]] = field(default_factory=dict)  # median per round
     warmup_s: dict[int, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
@@ -179,8 +181,11 @@ def default_engine(network: str) -> str:
 
 def contestants(network: str, default: str, args: argparse.Namespace) -> list[Contestant]:
     ours = [OURS] + [f"imvec-{e}" for e in args.engines if e != default]
-    if network == "amoebanet_a_n18_f448":  # 1.9 GB of weights: over ONNX's 2 GB protobuf
-        ours = [k for k in ours if k != "imvec-onnxruntime"]
+    if network == "amoebanet_a_n18_f448":
+        # ONNX: 1.9 GB of weights, over the 2 GB protobuf once exported. compile: minutes
+        # of compilation and a second copy of the weights as constants, for the same
+        # convolutions (on NASNet-large it ran at the speed of "fast").
+        ours = [k for k in ours if k not in ("imvec-onnxruntime", "imvec-compile")]
     peers = [k for k in NETWORKS[network][1] if k.split("-")[0] in args.peers]
     if args.quick:
         peers = [k for k in peers if not k.endswith("compiled")]
@@ -227,6 +232,8 @@ def bench_network(network: str, args: argparse.Namespace) -> dict[str, Any]:
                 request = {"cmd": "run", "batch": batch, "iters": iters,
                            "warm": int(low_memory)}
                 reply = c.ask(request, args.timeout)
+                c.turns.setdefault(batch, []).append(
+                    statistics.median(reply["times"]) if reply else None)
                 if reply:
                     c.times.setdefault(batch, []).extend(reply["times"])
                     c.cpu_times.setdefault(batch, []).extend(reply["cpu_times"])
@@ -260,6 +267,7 @@ def summarize(c: Contestant) -> dict[str, Any]:
             "median_s": statistics.median(times),
             "cpu_s_per_image": statistics.median(c.cpu_times[batch]) / batch,
             "iterations": len(times),
+            "round_medians_s": c.turns.get(batch, []),
             "warmup_s": c.warmup_s.get(batch),
         }
     return out
@@ -276,13 +284,27 @@ def analyse(results: dict[str, Any], peak: float) -> None:
             for stats in data["batches"].values():
                 stats["peak_fraction"] = stats["img_s"] * gflops / peak
         ours = runs.get(OURS, {}).get("batches", {})
-        entry["ratios"] = {
-            batch: {kind: ours[batch]["img_s"] / data["batches"][batch]["img_s"]
-                    for kind, data in runs.items()
-                    if kind != OURS and batch in data["batches"]}
-            for batch in ours
-        }
+        entry["ratios"], entry["ratio_ranges"] = {}, {}
+        for batch in ours:
+            paired = {kind: paired_ratios(ours[batch], data["batches"][batch])
+                      for kind, data in runs.items()
+                      if kind != OURS and batch in data["batches"]}
+            entry["ratios"][batch] = {k: statistics.median(v) for k, v in paired.items()}
+            entry["ratio_ranges"][batch] = {k: [min(v), max(v)] for k, v in paired.items()}
         entry["targets"] = targets(network, entry, ours)
+
+
+def paired_ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> list[float]:
+    """imvec's speed over the contestant's in each round: their median time per batch over
+    ours, from turns taken seconds apart. The machine's speed drifts in phases of seconds
+    to minutes (up to 1.6x on the 2-core VM), which shifts whole rounds but mostly spares
+    the ratio within one; results without rounds fall back to the overall medians."""
+    pairs = [(a, b) for a, b in zip(ours.get("round_medians_s", []),
+                                    theirs.get("round_medians_s", []), strict=False)
+             if a and b]
+    if not pairs:
+        return [ours["img_s"] / theirs["img_s"]]
+    return [b / a for a, b in pairs]
 
 
 def targets(network: str, entry: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
@@ -290,15 +312,18 @@ def targets(network: str, entry: dict[str, Any], ours: dict[str, Any]) -> dict[s
         return {}
     best_batch = max(ours, key=lambda b: ours[b]["img_s"])
     ratios = entry["ratios"][best_batch]
+    ranges = entry.get("ratio_ranges", {}).get(best_batch, {})
     peers = {k: v for k, v in ratios.items() if not k.startswith("imvec")}
     checks: dict[str, Any] = {"best_batch": int(best_batch)}
     if peers:
         best_peer = min(peers, key=peers.get)
         checks["ahead_of_best_peer"] = {"peer": best_peer, "ratio": peers[best_peer],
+                                        "range": ranges.get(best_peer),
                                         "met": peers[best_peer] > 1.0}
     for baseline in ("keras", "timm-eager"):
         if baseline in peers:
             checks[f"vs_{baseline}"] = {"ratio": peers[baseline],
+                                        "range": ranges.get(baseline),
                                         "met": peers[baseline] >= TARGET_VS_BASELINES}
     if network in LARGE:
         fraction = ours[best_batch]["peak_fraction"]
@@ -350,10 +375,9 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
         "",
         "`imvec.load(...)` (trainable=False) runs an inference graph built from the faithful "
         "network (batch norm folded into the convolutions, relu and the combination adds "
-        "fused), with the engine measured fastest for the network: the eager oneDNN graph "
-        "(`fast`) for the 331px networks, the same graph exported to ONNX Runtime "
-        "(`onnxruntime`, when installed) for MobileNet V1 and NASNet-mobile. **imvec** below "
-        "is that default, with its engine in brackets; `imvec-<engine>` are the others. "
+        "fused), run by the engine `engine=\"auto\"` picks for the network (see "
+        "`imvec.inference`). **imvec** below is that default, with its engine in brackets; "
+        "`imvec-<engine>` are the others. "
         "Training, `variable_map` and fine-tuning keep the faithful graph.",
         "",
         f"Measured by `python benchmarks/bench_models.py` on {m['cpu']} ({m['cores']} cores, "
@@ -364,9 +388,14 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
            "turns, so the ratios are the fair part)." if m["loadavg_start"] > 0.5 * m["cores"]
            else "."),
         "",
-        "Ratio = imvec's images/s divided by the contestant's, in the same run (> 1: imvec "
-        "is faster). % peak = images/s × FLOPs per image / matmul peak. Medians over "
-        f"{s['rounds']} rounds. CPU ms/img is the process's CPU time (all its threads) per "
+        f"The contestants take turns: {s['rounds']} rounds, each timing every contestant "
+        f"for about {s['round_seconds']:g} s, one after another. Ratio = imvec's speed over "
+        "the contestant's, paired by round (their median time per batch in a round over "
+        "imvec's in the same round), median over the rounds (> 1: imvec is faster); the "
+        "targets table gives the range over the rounds too. This machine's speed drifts "
+        "in phases of seconds to minutes, which moves whole rounds and spares the pairs. "
+        "img/s: median over all timed batches. % peak = images/s × FLOPs per image / "
+        "matmul peak. CPU ms/img is the process's CPU time (all its threads) per "
         "image: on a busy machine it shows the work done where wall time also shows the "
         "waiting (spinning thread pools count too). Raw numbers: "
         f"`benchmarks/results/{json_name}`.",
@@ -406,6 +435,8 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
                 return "n/a"
             v = t[key][value]
             text = f"{100 * v:.0f}%" if key == "peak_fraction" else f"{v:.2f}×"
+            if t[key].get("range"):
+                text += f" [{t[key]['range'][0]:.2f}–{t[key]['range'][1]:.2f}]"
             if key == "ahead_of_best_peer":
                 text += f" ({t[key]['peer']})"
             return f"{text} {'met' if t[key]['met'] else '**not met**'}"
@@ -482,15 +513,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default: 1,16)")
     p.add_argument("--threads", type=int, default=default_threads,
                    help="threads for every contestant (default: the CPUs this process may use)")
-    p.add_argument("--rounds", type=int, help="timing rounds per batch size (default 4; 2 quick)")
-    p.add_argument("--round-seconds", type=float, default=2.0,
-                   help="about how long one contestant's turn lasts (default: 2)")
+    p.add_argument("--rounds", type=int, help="timing rounds per batch size (default 6; 2 quick)")
+    p.add_argument("--round-seconds", type=float, default=1.5,
+                   help="about how long one contestant's turn lasts (default: 1.5)")
     p.add_argument("--quick", action="store_true",
                    help="2 rounds, batch 16 only, no torch.compile contestants")
-    p.add_argument("--engines", default="fast,onnxruntime",
+    p.add_argument("--engines", default="fast,onnxruntime,compile",
                    help="imvec engines besides the default, comma-separated: fast, "
-                   "onnxruntime, compile, faithful (default: fast,onnxruntime; the one the "
-                   "default picks for a network is not run twice)")
+                   "onnxruntime, compile, faithful (default: fast,onnxruntime,compile, "
+                   "compile left out with --quick; the one the default picks for a network "
+                   "is not run twice)")
     p.add_argument("--peers", default="keras,timm", help="peer families (default: keras,timm)")
     p.add_argument("--keras-python", default=str(ROOT / ".venv-tf" / "bin" / "python"))
     p.add_argument("--timm-python", default=str(ROOT / ".venv-timm" / "bin" / "python"))
@@ -513,7 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown network(s) {sorted(unknown)}; choose from {', '.join(NETWORKS)}")
     args.batch_sizes = [16] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
-    args.rounds = args.rounds or (2 if args.quick else 4)
+    args.rounds = args.rounds or (2 if args.quick else 6)
     args.engines = [e for e in args.engines.split(",") if e]
     if args.quick:
         args.engines = [e for e in args.engines if e != "compile"]

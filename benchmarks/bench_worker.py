@@ -76,8 +76,8 @@ def build_timm(mode: str, network: str, size: int, threads: int):
     layout = torch.channels_last if mode in ("channels_last", "compiled") else None
     if layout is not None:
         model = model.to(memory_format=layout)
-    if mode == "compiled":
-        model = torch.compile(model)
+    if mode == "compiled":  # frozen weights, as imvec's compile engine has them
+        model = torch.compile(model, options={"freezing": True})
     inputs: dict[int, object] = {}
 
     def run(batch: int) -> None:

@@ -1,0 +1,65 @@
+"""The benchmark's arithmetic: paired ratios, targets and the report (no timing here)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_models.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_models", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_models"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def stats(round_medians, batch=16):
+    times = [t for t in round_medians if t]
+    return {"img_s": batch / sorted(times)[len(times) // 2], "round_medians_s": round_medians,
+            "cpu_s_per_image": 0.01}
+
+
+def test_ratios_are_paired_by_round(bench):
+    # The machine runs at half speed from the middle of round 3 on: imvec's turn in that
+    # round was slow, the peer's fast. The overall medians give 1.0 / 1.6 = 0.625; the
+    # pairs give 1.25 in every round but that one.
+    ours = stats([0.8, 0.8, 1.6, 1.6, 1.6])
+    theirs = stats([1.0, 1.0, 1.0, 2.0, 2.0])
+    pairs = bench.paired_ratios(ours, theirs)
+    assert pairs == pytest.approx([1.25, 1.25, 0.625, 1.25, 1.25])
+    assert sorted(pairs)[2] == pytest.approx(1.25)
+    theirs_failed_once = stats([1.0, None, 1.0, 2.0, 2.0])
+    assert len(bench.paired_ratios(ours, theirs_failed_once)) == 4
+    # Results from before rounds were recorded: the ratio of the overall medians.
+    assert bench.paired_ratios({"img_s": 30.0}, {"img_s": 20.0}) == [1.5]
+
+
+def results(ours_rounds, keras_rounds, peak=100.0):
+    runs = {"imvec": {"batches": {"16": stats(ours_rounds)}, "memory": {}},
+            "keras": {"batches": {"16": stats(keras_rounds)}, "memory": {}}}
+    return {"machine": {"cpu": "test", "cores": 2, "date": "today", "peak_gflops": peak,
+                        "loadavg_start": 0.0, "loadavg_end": 0.0},
+            "settings": {"batch_sizes": [16], "threads": 2, "rounds": len(ours_rounds),
+                         "round_seconds": 1.5},
+            "networks": {"nasnet_mobile": {"input_size": 224, "gflops_per_image": 1.0,
+                                           "default_engine": "onnxruntime", "results": runs}}}
+
+
+def test_targets_and_report(bench):
+    data = results([0.125, 0.125, 0.25], [0.2, 0.1875, 0.375])  # 1.6x, 1.5x, 1.5x (exact)
+    bench.analyse(data, data["machine"]["peak_gflops"])
+    entry = data["networks"]["nasnet_mobile"]
+    assert entry["ratios"]["16"]["keras"] == pytest.approx(1.5)
+    assert entry["ratio_ranges"]["16"]["keras"] == pytest.approx([1.5, 1.6])
+    assert entry["targets"]["vs_keras"]["met"]
+    text = bench.markdown(data, "x.json", "x.png")
+    assert "1.50× [1.50–1.60] met" in text
+    slower = results([0.10, 0.10, 0.10], [0.14, 0.14, 0.14])
+    bench.analyse(slower, 100.0)
+    assert not slower["networks"]["nasnet_mobile"]["targets"]["vs_keras"]["met"]
+    assert "**not met**" in bench.markdown(slower, "x.json", "x.png")
