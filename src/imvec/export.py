@@ -11,6 +11,7 @@ height and width where the card allows other sizes (MobileNet V1).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -110,6 +111,17 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", *,
     return path
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """torch's ONNX exporter logs a warning for each torchvision op it cannot register when
+    torchvision is not installed (as beside imvec's CPU torch); the graphs use none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+_EXPORTER_REGISTRY_LOG = "torch.onnx._internal.exporter._registration"
+
+
 def _export_onnx(graph: nn.Module, example: torch.Tensor, name: str, variable: bool,
                  path: Path, opset: int) -> None:
     try:
@@ -121,9 +133,14 @@ def _export_onnx(graph: nn.Module, example: torch.Tensor, name: str, variable: b
         hw = (1, 2) if name == "images" else (2, 3)
         dims[hw[0]] = torch.export.Dim("height", min=32, max=4096)
         dims[hw[1]] = torch.export.Dim("width", min=32, max=4096)
-    program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[name],
-                                output_names=["default"], dynamic_shapes=({**dims},),
-                                opset_version=opset, optimize=True, verbose=False)
+    registry_log, notice = logging.getLogger(_EXPORTER_REGISTRY_LOG), _NoTorchvisionNotice()
+    registry_log.addFilter(notice)
+    try:
+        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[name],
+                                    output_names=["default"], dynamic_shapes=({**dims},),
+                                    opset_version=opset, optimize=True, verbose=False)
+    finally:
+        registry_log.removeFilter(notice)
     program.save(str(path))
 
 
