@@ -254,6 +254,28 @@ def test_compile_engine_matches_tf(converted):
                  expected["features"])
 
 
+@pytest.mark.heavy
+def test_compile_engine_pads_smaller_batches(converted):
+    """A batch smaller than one compiled before is padded to it, not compiled anew."""
+    from torch._dynamo.utils import counters
+
+    name = "mobilenet_v1_025_128"
+    path = converted(name)
+    compiled = imvec.load(path, engine="compile")
+    reference = imvec.load(path, engine="fast")
+    image = fixture_inputs(name)
+    others = np.random.default_rng(0).random((6, *image.shape[1:]), np.float32)
+    counters.clear()
+    for batch in (3, 2, 7, 3, 5, 1):  # compiles 3 and 7; pads 2 -> 3, 5 -> 7, 1 -> 3
+        images = np.concatenate([image, others[:batch - 1]])
+        out = compiled(images).numpy()
+        assert out.shape == (batch, compiled.num_features)
+        assert_close(f"batch {batch}", out, reference(images).numpy())
+        assert_close(f"batch {batch}, TF's image", out[:1],
+                     np.load(FIXTURES / name / "expected.npz")["features"])
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_portable_graph_has_no_onednn_ops(converted):
     """What export and torch.compile see: standard ops, the same numbers."""
     name = "nasnet_mobile_small"
