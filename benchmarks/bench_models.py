@@ -486,16 +486,21 @@ ran 2x slower than the copy they save), average pooling as a depthwise convoluti
 precomputed divisors (slower than the channels_last pooling kernel at batch 16),
 splitting the batch over Python threads.
 
-Engines: `engine="compile"` (the same graph in standard ops under `torch.compile`)
-is 17% faster than the eager fast graph on NASNet-mobile at batch 16 (Inductor fuses the
-pooling, adds and concatenations), but 8% slower on NASNet-large, where convolutions are
-90% of the time, and compiles for 40 s (NASNet-mobile) to minutes. `engine="onnxruntime"`
-(the fast graph exported to ONNX, cached under `$IMVEC_HOME/onnx`) has the least overhead
-per operation and wins clearly on the small networks; on the 331px networks it ties with
-the eager graph at batch 16 and loses at batch 1, so "auto" keeps the eager graph there
-(no export step, end points available). Torch's thread pool and ONNX Runtime's spinning
-threads must not run at once: imvec checks and scales the input with numpy (one thread),
-which made the ONNX Runtime engine 2-4x faster on MobileNet at batch 1.
+Engines: `engine="compile"` (the same graph in standard ops under `torch.compile`, with
+frozen weights so that Inductor packs them for oneDNN and fuses relus and adds into the
+convolutions) is the fastest engine on NASNet-mobile at batch 16 (98.6 img/s against 92.2
+for ONNX Runtime in one session's measurements; unfrozen it did 81.7), but half as fast
+as ONNX Runtime at batch 1, no faster than the eager graph where convolutions dominate
+(NASNet-large), and it compiles for 30-50 s (NASNet-mobile) to minutes per batch size, so
+"auto" does not pick it. `engine="onnxruntime"` (the fast graph exported to ONNX, cached
+under `$IMVEC_HOME/onnx`) has the least overhead per operation and wins clearly on the
+small networks; on the 331px networks it is a few % ahead of the eager graph at batch 16.
+"auto" picks it everywhere but AmoebaNet-A (over ONNX's 2 GB limit). Torch's thread pool
+and ONNX Runtime's spinning threads must not run at once: imvec checks the input range
+with numpy (one thread; that made the ONNX Runtime engine 2-4x faster on MobileNet at
+batch 1 than torch ops did) and ONNX Runtime scales it to [-1, 1] in its graph, on all
+threads: numpy's scaling ran 3x slower right after a call, beside ONNX Runtime's
+spin-waiting threads (MobileNet 4% faster at batch 16, 12% at batch 1 in its graph).
 
 On a busy shared CPU, PyTorch's OpenMP threads spin-wait for each other between the
 ~1,000 operations of a NASNet; `OMP_WAIT_POLICY=PASSIVE` (set before Python starts) avoids

@@ -77,6 +77,12 @@ def test_onnxruntime_engine_matches_tf(converted):
     images, expected = tf_case("nasnet_mobile_small")
     module = imvec.load(converted("nasnet_mobile_small"), engine="onnxruntime")
     assert_close("ort features", module(images).numpy(), expected["features"])
+    sessions = module._inference._built._sessions  # (pre_logits, h, w, unit_range)
+    assert [key[-1] for key in sessions] == [True]  # [0, 1] in, scaled in ORT's graph
+    scaled = torch.from_numpy(images * np.float32(2) - np.float32(1))
+    assert_close("ort, scaled input", module.forward_scaled(scaled.contiguous()).numpy(),
+                 expected["features"])
+    assert sorted(key[-1] for key in sessions) == [False, True]
     outputs = module(images, as_dict=True)  # end points come from the fast torch graph
     assert_close("ort Stem", outputs["Stem"].numpy(), expected["end_points/Stem"])
     classifier = imvec.load(converted("nasnet_mobile_small"), variant="classification",

@@ -220,6 +220,13 @@ class InferenceGraph:
             self._built = _build(self.net, self.engine)
         return self._built
 
+    def takes_unit_range(self, x: torch.Tensor, end_points: bool = False) -> bool:
+        """Whether ``self(x, unit_range=True)`` hands ``x`` in [0, 1] to ONNX Runtime,
+        which scales it in its graph on all its threads; other engines need it scaled."""
+        return (self.engine == "onnxruntime" and not end_points and x.device.type == "cpu"
+                and x.dtype == torch.float32 and not (torch.is_grad_enabled()
+                                                      and x.requires_grad))
+
     def _give_up(self, exc: Exception) -> nn.Module:
         """An engine picked by "auto" failed (e.g. its export): the fast graph from now on."""
         warnings.warn(f"engine {self.engine!r} failed ({type(exc).__name__}: {exc}); running "
@@ -235,23 +242,30 @@ class InferenceGraph:
         return self._fast
 
     def __call__(self, x: torch.Tensor, end_points: dict[str, torch.Tensor] | None = None,
-                 pre_logits: bool = False) -> torch.Tensor:
-        """``net``'s output for NCHW ``x`` (and its end points) through the engine."""
+                 pre_logits: bool = False, unit_range: bool = False) -> torch.Tensor:
+        """``net``'s output for NCHW ``x`` (and its end points) through the engine; ``x``
+        in the network's range, or in [0, 1] with ``unit_range`` (see takes_unit_range)."""
         engine = self.get(x)
+        if end_points is not None and self.engine == "onnxruntime":  # ORT gives no maps
+            engine = self._fast_graph()
+        onnx = self.engine == "onnxruntime" and engine is not None and engine is self._built
+        if unit_range and not onnx:
+            x = x * 2.0 - 1.0
         if engine is None:
             features = self.net.forward_features(x, end_points)
             return self.net.forward_head(features, pre_logits=pre_logits)
-        if end_points is not None and self.engine == "onnxruntime":  # ORT gives no maps
-            engine = self._fast_graph()
         # no_grad rather than inference_mode: inference tensors could not be saved for
         # backward by a trainable head on top of the features, a common use.
         with torch.no_grad():
-            if not (self.chosen and self.engine == "onnxruntime"):
+            if not onnx:
                 return engine(x, end_points, pre_logits)
+            if not self.chosen:
+                return engine(x, None, pre_logits, unit_range)
             try:  # the export happens on the first call of each size
-                return engine(x, end_points, pre_logits)
+                return engine(x, None, pre_logits, unit_range)
             except Exception as exc:  # noqa: BLE001 (whatever broke, the fast graph runs)
-                return self._give_up(exc)(x, end_points, pre_logits)
+                fallback = self._give_up(exc)
+                return fallback(x * 2.0 - 1.0 if unit_range else x, None, pre_logits)
 
 
 def optimize(net: nn.Module, engine: str = "fast") -> nn.Module:

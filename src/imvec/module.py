@@ -230,7 +230,11 @@ class Module(nn.Module):
         signature = self._signature(signature)
         images, momentum = self._unpack(inputs, signature, kwargs)
         x = self._check_images(images)
-        return self._run(x, signature, momentum, as_dict)
+        unit_range = self._inference is not None and self._inference.takes_unit_range(
+            x, as_dict)  # ONNX Runtime scales in its graph
+        if not unit_range:
+            x = self._to_network_range(x)
+        return self._run(x.permute(0, 3, 1, 2), signature, momentum, as_dict, unit_range)
 
     def forward_scaled(self, images: torch.Tensor) -> torch.Tensor:
         """The default signature's output for images already checked and scaled:
@@ -241,11 +245,12 @@ class Module(nn.Module):
         signature = self._signature(None)
         return self._run(images.permute(0, 3, 1, 2), signature, None, False)
 
-    def _run(self, x: torch.Tensor, signature: str, momentum: Any,
-             as_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
+    def _run(self, x: torch.Tensor, signature: str, momentum: Any, as_dict: bool,
+             unit_range: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         end_points: dict[str, torch.Tensor] | None = {} if as_dict else None
         if self._inference is not None:  # trainable=False: the engine, not the faithful graph
-            out = self._inference(x, end_points, not self._returns_logits(signature))
+            out = self._inference(x, end_points, not self._returns_logits(signature),
+                                  unit_range)
         else:
             with self._momentum(momentum):
                 features = self.net.forward_features(x, end_points)
@@ -303,21 +308,27 @@ class Module(nn.Module):
                              f"{h}x{w} first.")
         param = next(self.net.parameters())
         x = images.to(device=param.device, dtype=param.dtype)
-        # On the CPU numpy checks and scales (the same float32 operations), single-threaded:
-        # waking torch's thread pool here would fight ONNX Runtime's spinning threads over
-        # the cores (it cost MobileNet 3.5 ms of a 5 ms call at batch 1).
-        as_numpy = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-        array = x.numpy() if as_numpy else None
         if x.numel():
-            if array is not None:
+            if _as_numpy(x):  # see _as_numpy
+                array = x.numpy()
                 lo, hi = float(array.min()), float(array.max())
             else:
                 lo, hi = (float(v) for v in torch.aminmax(x))
             if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):
                 raise InputError(f"{contract}; got values in [{lo:.4g}, {hi:.4g}]. Scale "
                                  "8-bit images by 1/255; undo any mean/std normalization.")
-        x = torch.from_numpy(to_network_range(array)) if array is not None else x * 2.0 - 1.0
-        return x.permute(0, 3, 1, 2)
+        return x
+
+    @staticmethod
+    def _to_network_range(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(to_network_range(x.numpy())) if _as_numpy(x) else x * 2.0 - 1.0
+
+
+def _as_numpy(x: torch.Tensor) -> bool:
+    """On the CPU numpy checks and scales the images (the same float32 operations), on
+    one thread: waking torch's thread pool here would fight ONNX Runtime's spinning
+    threads over the cores (it cost MobileNet 3.5 ms of a 5 ms call at batch 1)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
 
 
 def get_expected_image_size(module: Module | Card | str) -> tuple[int, int]:
