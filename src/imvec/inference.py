@@ -246,8 +246,8 @@ class InferenceGraph:
         """``net``'s output for NCHW ``x`` (and its end points) through the engine; ``x``
         in the network's range, or in [0, 1] with ``unit_range`` (see takes_unit_range)."""
         engine = self.get(x)
-        if end_points is not None and self.engine == "onnxruntime":  # ORT gives no maps
-            engine = self._fast_graph()
+        if engine is not None and end_points is not None and self.engine == "onnxruntime":
+            engine = self._fast_graph()  # ORT gives no maps
         onnx = self.engine == "onnxruntime" and engine is not None and engine is self._built
         if unit_range and not onnx:
             x = x * 2.0 - 1.0
