@@ -194,6 +194,23 @@ def test_job_options_are_checked_up_front(tmp_path, module):
         run(job(folder, module, tmp_path / "f.parquet", size=16))
 
 
+@pytest.mark.heavy
+def test_compile_engine_compiles_the_batch_size_once(tmp_path, weights, module, monkeypatch):
+    """IMVEC_ENGINE=compile (README): the last, smaller batch reuses the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    folder = make_folder(tmp_path / "in", 7)
+    reference = run(job(folder, module, tmp_path / "fast.parquet", size=SIZE, batch_size=3))
+    monkeypatch.setenv("IMVEC_ENGINE", "compile")
+    counters.clear()
+    compiled = run(job(folder, weights, tmp_path / "compiled.parquet", size=SIZE,
+                       batch_size=3))  # batches of 3, 3, 1
+    assert counters["stats"]["unique_graphs"] == 1
+    ids, features = read_features(compiled.output)
+    assert ids == read_features(reference.output)[0]
+    assert_close("compiled", features, read_features(reference.output)[1])
+
+
 def test_both_scheduling_modes_give_the_same_result(tmp_path, module, monkeypatch):
     import functools
 
