@@ -45,18 +45,13 @@ class _HubGraph(nn.Module):
 
 
 class _NetGraph(nn.Module):
-    """The plain network's convention: NCHW in the network's range (``nhwc``: NHWC;
-    ``unit_range``: NHWC in [0, 1], scaled in the graph like ``_HubGraph``)."""
+    """The plain network's convention: NCHW in the network's range (``nhwc``: NHWC)."""
 
-    def __init__(self, fast: nn.Module, pre_logits: bool, nhwc: bool = False,
-                 unit_range: bool = False) -> None:
+    def __init__(self, fast: nn.Module, pre_logits: bool, nhwc: bool = False) -> None:
         super().__init__()
-        self.fast, self.pre_logits = fast, pre_logits
-        self.nhwc, self.unit_range = nhwc or unit_range, unit_range
+        self.fast, self.pre_logits, self.nhwc = fast, pre_logits, nhwc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unit_range:
-            x = x * 2.0 - 1.0
         return self.fast(x.permute(0, 3, 1, 2) if self.nhwc else x, None, self.pre_logits)
 
 
@@ -216,8 +211,9 @@ class OnnxRuntimeNet:
                     cached.unlink(missing_ok=True)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "net.onnx"
-                graph = _NetGraph(fast_network(self.net), pre_logits, nhwc=True,
-                                  unit_range=unit_range)
+                fast = fast_network(self.net)
+                graph = (_HubGraph(fast, pre_logits) if unit_range
+                         else _NetGraph(fast, pre_logits, nhwc=True))
                 example = _example("images" if unit_range else "x_nhwc", size)
                 with torch.no_grad(), portable_ops(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")

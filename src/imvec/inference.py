@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from imvec.nets.fast import fast_network
+from imvec.network_range import to_network_range_tensor
 
 __all__ = ["ENGINES", "InferenceGraph", "optimize", "tune_allocator"]
 
@@ -220,13 +221,6 @@ class InferenceGraph:
             self._built = _build(self.net, self.engine)
         return self._built
 
-    def takes_unit_range(self, x: torch.Tensor, end_points: bool = False) -> bool:
-        """Whether ``self(x, unit_range=True)`` hands ``x`` in [0, 1] to ONNX Runtime,
-        which scales it in its graph on all its threads; other engines need it scaled."""
-        return (self.engine == "onnxruntime" and not end_points and x.device.type == "cpu"
-                and x.dtype == torch.float32 and not (torch.is_grad_enabled()
-                                                      and x.requires_grad))
-
     def _give_up(self, exc: Exception) -> nn.Module:
         """An engine picked by "auto" failed (e.g. its export): the fast graph from now on."""
         warnings.warn(f"engine {self.engine!r} failed ({type(exc).__name__}: {exc}); running "
@@ -244,13 +238,15 @@ class InferenceGraph:
     def __call__(self, x: torch.Tensor, end_points: dict[str, torch.Tensor] | None = None,
                  pre_logits: bool = False, unit_range: bool = False) -> torch.Tensor:
         """``net``'s output for NCHW ``x`` (and its end points) through the engine; ``x``
-        in the network's range, or in [0, 1] with ``unit_range`` (see takes_unit_range)."""
+        in the network's range, or in [0, 1] with ``unit_range``: ONNX Runtime then scales
+        it in its graph, on all its threads (numpy's scaling ran 3x slower right after a
+        call, beside ONNX Runtime's spin-waiting threads); other engines get it scaled."""
         engine = self.get(x)
         if engine is not None and end_points is not None and self.engine == "onnxruntime":
             engine = self._fast_graph()  # ORT gives no maps
         onnx = self.engine == "onnxruntime" and engine is not None and engine is self._built
         if unit_range and not onnx:
-            x = x * 2.0 - 1.0
+            x = to_network_range_tensor(x)
         if engine is None:
             features = self.net.forward_features(x, end_points)
             return self.net.forward_head(features, pre_logits=pre_logits)
@@ -265,7 +261,8 @@ class InferenceGraph:
                 return engine(x, None, pre_logits, unit_range)
             except Exception as exc:  # noqa: BLE001 (whatever broke, the fast graph runs)
                 fallback = self._give_up(exc)
-                return fallback(x * 2.0 - 1.0 if unit_range else x, None, pre_logits)
+                return fallback(to_network_range_tensor(x) if unit_range else x, None,
+                                pre_logits)
 
 
 def optimize(net: nn.Module, engine: str = "fast") -> nn.Module:

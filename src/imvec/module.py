@@ -21,6 +21,7 @@ from imvec.errors import InputError
 from imvec.inference import InferenceGraph, check_engine
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
 from imvec.nets.ops import BatchNorm
+from imvec.network_range import in_numpy, to_network_range, to_network_range_tensor
 from imvec.registry import Card
 from imvec.weights.mapping import variable_map
 
@@ -29,15 +30,6 @@ __all__ = ["DEFAULT_BN_MOMENTUM", "Module", "TensorInfo", "get_expected_image_si
 
 DEFAULT_BN_MOMENTUM = 0.99  # TF decay; the v3 cards' default for fine-tuning
 RANGE_TOLERANCE = 1e-4  # resampling may overshoot [0, 1] by rounding; more is an error
-
-
-def to_network_range(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``images * 2 - 1`` in float32, as the hub graphs scale [0, 1] to the networks'
-    [-1, 1] (in place into ``out`` when given): the one definition the module and the
-    extraction workers share, so both feed the network bit-identical inputs."""
-    out = np.multiply(images, np.float32(2.0), out=out, dtype=np.float32)
-    out -= np.float32(1.0)
-    return out
 
 
 @dataclass(frozen=True)
@@ -230,11 +222,7 @@ class Module(nn.Module):
         signature = self._signature(signature)
         images, momentum = self._unpack(inputs, signature, kwargs)
         x = self._check_images(images)
-        unit_range = self._inference is not None and self._inference.takes_unit_range(
-            x, as_dict)  # ONNX Runtime scales in its graph
-        if not unit_range:
-            x = self._to_network_range(x)
-        return self._run(x.permute(0, 3, 1, 2), signature, momentum, as_dict, unit_range)
+        return self._run(x.permute(0, 3, 1, 2), signature, momentum, as_dict, unit_range=True)
 
     def forward_scaled(self, images: torch.Tensor) -> torch.Tensor:
         """The default signature's output for images already checked and scaled:
@@ -250,8 +238,10 @@ class Module(nn.Module):
         end_points: dict[str, torch.Tensor] | None = {} if as_dict else None
         if self._inference is not None:  # trainable=False: the engine, not the faithful graph
             out = self._inference(x, end_points, not self._returns_logits(signature),
-                                  unit_range)
+                                  unit_range)  # ONNX Runtime scales in its graph
         else:
+            if unit_range:
+                x = to_network_range_tensor(x)
             with self._momentum(momentum):
                 features = self.net.forward_features(x, end_points)
                 out = self.net.forward_head(features,
@@ -309,7 +299,7 @@ class Module(nn.Module):
         param = next(self.net.parameters())
         x = images.to(device=param.device, dtype=param.dtype)
         if x.numel():
-            if _as_numpy(x):  # see _as_numpy
+            if in_numpy(x):
                 array = x.numpy()
                 lo, hi = float(array.min()), float(array.max())
             else:
@@ -318,17 +308,6 @@ class Module(nn.Module):
                 raise InputError(f"{contract}; got values in [{lo:.4g}, {hi:.4g}]. Scale "
                                  "8-bit images by 1/255; undo any mean/std normalization.")
         return x
-
-    @staticmethod
-    def _to_network_range(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(to_network_range(x.numpy())) if _as_numpy(x) else x * 2.0 - 1.0
-
-
-def _as_numpy(x: torch.Tensor) -> bool:
-    """On the CPU numpy checks and scales the images (the same float32 operations), on
-    one thread: waking torch's thread pool here would fight ONNX Runtime's spinning
-    threads over the cores (it cost MobileNet 3.5 ms of a 5 ms call at batch 1)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
 
 
 def get_expected_image_size(module: Module | Card | str) -> tuple[int, int]:

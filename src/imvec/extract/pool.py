@@ -28,7 +28,7 @@ from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item
 from imvec.extract.ring import BatchRing
 from imvec.inference import tune_allocator
-from imvec.module import to_network_range
+from imvec.network_range import to_network_range
 
 __all__ = ["Batch", "DecodePool", "decode_into", "default_workers"]
 
