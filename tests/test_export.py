@@ -162,3 +162,47 @@ def test_bad_format_is_named(tmp_path, converted, capsys):
         export(module, tmp_path / "x.tflite", "tflite")
     assert main(["export", "no_such_model", "-o", str(tmp_path / "x.onnx")]) == 1
     assert "imvec export: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, unit_reader", [("mobilenet_v1_025_128", "Sub"),
+                                               ("nasnet_mobile_small", "Reshape")])
+def test_onnx_graphs_read_nhwc_images_in_place(name, unit_reader, converted, exported):
+    """No NHWC -> NCHW transpose of the batch; at most one pass over the images for their
+    range (none where the first convolution reads no padding: NASNet's 'VALID' stem)."""
+    import onnx
+
+    from imvec.export import _cache_path
+
+    module = imvec.load(converted(name), engine="onnxruntime")
+    images, _ = tf_case(name)
+    module(images)
+    module.forward_scaled(torch.from_numpy(images * np.float32(2) - np.float32(1)))
+    graphs = {"export": exported(converted(name), "onnx")}
+    for unit_range in (True, False):
+        graphs[f"engine, unit_range={unit_range}"] = _cache_path(
+            module.net, True, images.shape[1:3], unit_range)
+    for what, path in graphs.items():
+        graph = onnx.load(str(path)).graph
+        assert "Transpose" not in [n.op_type for n in graph.node], what
+        first = [n.op_type for n in graph.node  # what reads the batch (not only its shape)
+                 if graph.input[0].name in n.input and n.op_type != "Shape"]
+        assert first == (["Reshape"] if what.endswith("False") else [unit_reader]), what
+
+
+@pytest.mark.parametrize("size", [(33, 33), (32, 47)])
+@pytest.mark.parametrize("unit_range", [True, False])
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_nhwc_stem_is_the_first_convolution(size, unit_range, padding):
+    from imvec.export import _NhwcStem
+    from imvec.nets.fusion import FusedConv, portable_ops
+    from imvec.nets.ops import Conv2d
+
+    torch.manual_seed(0)
+    conv = FusedConv(Conv2d(3, 8, 3, 2, padding=padding, bias=True))
+    images = torch.rand(2, *size, 3)
+    scaled = images * 2 - 1 if unit_range else images
+    with torch.no_grad(), portable_ops():
+        expected = conv(scaled.permute(0, 3, 1, 2), "relu6")
+        got = _NhwcStem(conv, unit_range)(images.permute(0, 3, 1, 2), "relu6")
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

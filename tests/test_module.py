@@ -76,6 +76,19 @@ def test_nan_images_are_rejected(mobile):
         mobile(images)
 
 
+@pytest.mark.parametrize("value,accepted", [
+    (-0.0, True), (-5e-5, True), (1 + 5e-5, True), (1.0, True),
+    (np.nan, False), (np.inf, False), (-np.inf, False), (1 + 2e-4, False), (-2e-4, False)])
+def test_one_value_at_the_edge_of_the_range_decides(mobile, value, accepted):
+    images = np.random.default_rng(0).random((2, 224, 224, 3), dtype=np.float32)
+    images[1, 200, 17, 2] = value
+    if accepted:
+        assert mobile(images).shape == (2, 1056)
+    else:
+        with pytest.raises(InputError, match="values in"):
+            mobile(images)
+
+
 def test_mobilenet_accepts_other_sizes_but_not_tiny_ones():
     module = imvec.load("mobilenet_v1_050_160", pretrained=False)
     assert module(np.random.rand(2, 224, 192, 3).astype(np.float32)).shape == (2, 512)

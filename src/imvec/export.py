@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imvec.nets.fast import fast_network
-from imvec.nets.fusion import portable_ops
+from imvec.nets.fusion import FusedConv, fused_conv2d, portable_ops, portable_same_pads
 
 __all__ = ["FORMATS", "OnnxRuntimeNet", "export", "onnxruntime_session"]
 
@@ -33,36 +34,101 @@ ONNX_OPSET = 18
 _INSTALL = "pip install 'imvec[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
-class _HubGraph(nn.Module):
-    """TF-Hub's calling convention around an inference graph: NHWC [0, 1] in."""
+class _NhwcStem(nn.Module):
+    """A network's first convolution reading NHWC images in place, for ONNX Runtime.
 
-    def __init__(self, fast: nn.Module, pre_logits: bool) -> None:
+    ``[B, H, W, 3]`` is viewed (no copy) as one-channel ``[B, 1, H, 3W]`` images, and the
+    ``k x k`` stride-``s`` convolution as a ``k x 3k`` stride-``(s, 3s)`` one over them:
+    the same products, without the NHWC -> NCHW transpose ONNX Runtime otherwise makes of
+    every batch, and faster in its kernels (MobileNet V1 0.5/160, batch 16: 9% faster end
+    to end). With ``unit_range`` it reads [0, 1] images and scales them in the
+    convolution: ``conv(2x - 1, W) + b = conv(x, 2W) + b - sum(W)`` where no padding is
+    read (the NASNets' 'VALID' stems); under 'SAME' padding, whose zeros stand for -1,
+    ``conv(x - 0.5, 2W) + b`` gives the products of ``2x - 1`` bit for bit (scaling by 2
+    is exact) in one pass over the images instead of two.
+    """
+
+    def __init__(self, conv: FusedConv, unit_range: bool) -> None:
+        super().__init__()
+        out, channels, kh, kw = conv.weight.shape
+        if conv.groups != 1:
+            raise ValueError("the NHWC stem takes a dense first convolution")
+        self.same = conv.tf_padding == "SAME"
+        weight, bias = conv.weight, conv.bias
+        if unit_range:
+            weight = conv.weight * 2.0
+            if not self.same:
+                folded = -conv.weight.double().sum(dim=(1, 2, 3))
+                bias = (folded if bias is None else bias.double() + folded).to(weight.dtype)
+        self.register_buffer("weight", weight.permute(0, 2, 3, 1).reshape(
+            out, 1, kh, kw * channels).contiguous())
+        self.register_buffer("bias", bias)
+        self.kernel_size, self.stride, self.channels = (kh, kw), conv.stride, channels
+        self.shift = unit_range and self.same
+
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        images = x.permute(0, 2, 3, 1)  # x is the NCHW view of NHWC images
+        batch, height, width, channels = images.shape
+        if self.shift:
+            images = images - 0.5
+        flat = images.reshape(batch, 1, height, width * channels)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        if self.same:
+            left, right = portable_same_pads(width, kw, sw)
+            flat = F.pad(flat, (left * channels, right * channels,
+                                *portable_same_pads(height, kh, sh)))
+        return fused_conv2d(flat, self.weight, self.bias, (sh, sw * channels), (0, 0),
+                            activation=activation, portable=True)
+
+
+def _with_nhwc_stem(fast: nn.Module, unit_range: bool) -> nn.Module:
+    """``fast`` with its first convolution (the first FusedConv registered) reading NHWC."""
+    name = next(n for n, m in fast.named_modules() if isinstance(m, FusedConv))
+    parent, _, child = name.rpartition(".")
+    stem = fast.get_submodule(name)
+    setattr(fast.get_submodule(parent), child, _NhwcStem(stem, unit_range))
+    return fast
+
+
+class _HubGraph(nn.Module):
+    """TF-Hub's calling convention around an inference graph: NHWC [0, 1] in.
+    ``nhwc_stem`` (for ONNX): the first convolution reads the images in place."""
+
+    def __init__(self, fast: nn.Module, pre_logits: bool, nhwc_stem: bool = False) -> None:
         super().__init__()
         self.fast, self.pre_logits = fast, pre_logits
+        if nhwc_stem:
+            _with_nhwc_stem(fast, unit_range=True)
+        self.scale = not nhwc_stem
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fast((images * 2.0 - 1.0).permute(0, 3, 1, 2), None, self.pre_logits)
+        if self.scale:
+            images = images * 2.0 - 1.0
+        return self.fast(images.permute(0, 3, 1, 2), None, self.pre_logits)
 
 
 class _NetGraph(nn.Module):
-    """The plain network's convention: NCHW in the network's range (``nhwc``: NHWC)."""
+    """The plain network's convention: NCHW in the network's range (``nhwc``: NHWC, read
+    in place by the first convolution)."""
 
     def __init__(self, fast: nn.Module, pre_logits: bool, nhwc: bool = False) -> None:
         super().__init__()
         self.fast, self.pre_logits, self.nhwc = fast, pre_logits, nhwc
+        if nhwc:
+            _with_nhwc_stem(fast, unit_range=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast(x.permute(0, 3, 1, 2) if self.nhwc else x, None, self.pre_logits)
 
 
-def _graph(model: nn.Module) -> tuple[nn.Module, tuple[int, int], bool, str]:
+def _graph(model: nn.Module, format: str) -> tuple[nn.Module, tuple[int, int], bool, str]:
     """(graph to export, example size, variable size?, input name) of a Module or a net."""
     from imvec.module import Module
 
     if isinstance(model, Module):
         card = model.card
         pre_logits = card.variant == "feature_vector"
-        graph = _HubGraph(fast_network(model.net), pre_logits)
+        graph = _HubGraph(fast_network(model.net), pre_logits, nhwc_stem=format == "onnx")
         return graph, card.input_size, card.variable_input_size, "images"
     from imvec.nets.mobilenet_v1 import MobileNetV1
 
@@ -90,7 +156,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", *,
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    graph, size, variable, name = _graph(model)
+    graph, size, variable, name = _graph(model, format)
     size = tuple(input_size or size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +211,7 @@ def _export_onnx(graph: nn.Module, example: torch.Tensor, name: str, variable: b
 
 
 ONNX_CACHE_MAX_BYTES = 1 << 30  # larger exports carry external data files: not cached
+_GRAPH_FORM = "nhwc-stem"  # in the cache key: a change of the exported graph re-exports
 
 
 def _cache_path(net: nn.Module, pre_logits: bool, size: tuple[int, int],
@@ -157,7 +224,7 @@ def _cache_path(net: nn.Module, pre_logits: bool, size: tuple[int, int],
     if sum(t.numel() * t.element_size() for t in tensors.values()) > ONNX_CACHE_MAX_BYTES:
         return None
     digest = hashlib.sha256(f"{__version__} {torch.__version__} {ONNX_OPSET} {pre_logits} "
-                            f"{size} nhwc {'unit ' if unit_range else ''}{net!r}".encode())
+                            f"{size} {_GRAPH_FORM} {'unit ' if unit_range else ''}{net!r}".encode())
     for name, tensor in tensors.items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -212,7 +279,7 @@ class OnnxRuntimeNet:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "net.onnx"
                 fast = fast_network(self.net)
-                graph = (_HubGraph(fast, pre_logits) if unit_range
+                graph = (_HubGraph(fast, pre_logits, nhwc_stem=True) if unit_range
                          else _NetGraph(fast, pre_logits, nhwc=True))
                 example = _example("images" if unit_range else "x_nhwc", size)
                 with torch.no_grad(), portable_ops(), warnings.catch_warnings():
@@ -234,7 +301,8 @@ class OnnxRuntimeNet:
         if end_points is not None:
             raise ValueError("the onnxruntime engine returns no end points; use engine='fast'")
         session = self._session(pre_logits, (int(x.shape[-2]), int(x.shape[-1])), unit_range)
-        nhwc = x.detach().cpu().permute(0, 2, 3, 1)  # a view, where x came from a module
-        array = np.ascontiguousarray(nhwc.numpy(), dtype=np.float32)
+        # numpy views, not torch ones: right after a call each torch op costs ~30 us
+        nhwc = x.numpy(force=True).transpose(0, 2, 3, 1)  # a view, where x came from a module
+        array = np.ascontiguousarray(nhwc, dtype=np.float32)
         (out,) = session.run(None, {"x": array})
         return torch.from_numpy(out)

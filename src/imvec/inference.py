@@ -197,8 +197,10 @@ class InferenceGraph:
     def _weights_stamp(self) -> tuple[int, int]:
         """Changes when a weight is written in place (its version counter) or replaced
         (its storage): 0.3 ms for NASNet-large's 1808 tensors."""
-        if self._tensors is None:
-            self._tensors = [*self.net.parameters(), *self.net.buffers()]
+        if self._tensors is None:  # BN's batch counters do not change the outputs
+            self._tensors = [*self.net.parameters(), *(
+                t for name, t in self.net.named_buffers()
+                if not name.endswith("num_batches_tracked"))]
         return (sum(t._version for t in self._tensors),
                 sum(t.data_ptr() for t in self._tensors))
 
@@ -250,17 +252,18 @@ class InferenceGraph:
         if engine is None:
             features = self.net.forward_features(x, end_points)
             return self.net.forward_head(features, pre_logits=pre_logits)
-        # no_grad rather than inference_mode: inference tensors could not be saved for
-        # backward by a trainable head on top of the features, a common use.
-        with torch.no_grad():
-            if not onnx:
+        if not onnx:
+            # no_grad rather than inference_mode: inference tensors could not be saved for
+            # backward by a trainable head on top of the features, a common use.
+            with torch.no_grad():
                 return engine(x, end_points, pre_logits)
-            if not self.chosen:
-                return engine(x, None, pre_logits, unit_range)
-            try:  # the export happens on the first call of each size
-                return engine(x, None, pre_logits, unit_range)
-            except Exception as exc:  # noqa: BLE001 (whatever broke, the fast graph runs)
-                fallback = self._give_up(exc)
+        if not self.chosen:  # ONNX Runtime records no graph: no no_grad (50 us after a call)
+            return engine(x, None, pre_logits, unit_range)
+        try:  # the export happens on the first call of each size
+            return engine(x, None, pre_logits, unit_range)
+        except Exception as exc:  # noqa: BLE001 (whatever broke, the fast graph runs)
+            fallback = self._give_up(exc)
+            with torch.no_grad():
                 return fallback(to_network_range_tensor(x) if unit_range else x, None,
                                 pre_logits)
 

@@ -21,7 +21,12 @@ from imvec.errors import InputError
 from imvec.inference import InferenceGraph, check_engine
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
 from imvec.nets.ops import BatchNorm
-from imvec.network_range import in_numpy, to_network_range, to_network_range_tensor
+from imvec.network_range import (
+    in_numpy,
+    surely_in_unit_range,
+    to_network_range,
+    to_network_range_tensor,
+)
 from imvec.registry import Card
 from imvec.weights.mapping import variable_map
 
@@ -298,7 +303,7 @@ class Module(nn.Module):
                              f"{h}x{w} first.")
         param = next(self.net.parameters())
         x = images.to(device=param.device, dtype=param.dtype)
-        if x.numel():
+        if x.numel() and not (in_numpy(x) and surely_in_unit_range(x.numpy(), RANGE_TOLERANCE)):
             if in_numpy(x):
                 array = x.numpy()
                 lo, hi = float(array.min()), float(array.max())

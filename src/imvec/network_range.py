@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["in_numpy", "to_network_range", "to_network_range_tensor"]
+__all__ = ["in_numpy", "surely_in_unit_range", "to_network_range", "to_network_range_tensor"]
 
 
 def to_network_range(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -30,3 +30,12 @@ def in_numpy(x: torch.Tensor) -> bool:
 def to_network_range_tensor(x: torch.Tensor) -> torch.Tensor:
     """``to_network_range`` of a tensor, keeping its layout (numpy where ``in_numpy``)."""
     return torch.from_numpy(to_network_range(x.numpy())) if in_numpy(x) else x * 2.0 - 1.0
+
+
+def surely_in_unit_range(images: np.ndarray, tolerance: float) -> bool:
+    """True when every float32 value lies in [0, 1 + tolerance], in one pass: the bits of
+    non-negative floats order as the values do, and a sign bit, NaN or inf reads as a
+    larger integer. False only means that the exact check (min and max: two passes)
+    must decide, e.g. for -0.0 or small negative overshoots."""
+    bound = np.array(1 + tolerance, np.float32).view(np.uint32)
+    return images.dtype == np.float32 and bool(images.view(np.uint32).max() <= bound)

@@ -28,6 +28,7 @@ __all__ = [
     "is_portable",
     "mkldnn_fusion_available",
     "portable_ops",
+    "portable_same_pads",
 ]
 
 # activation name -> (oneDNN post-op, its scalars)
@@ -252,6 +253,13 @@ class FusedConv(nn.Module):
                 f"stride={self.stride}, groups={self.groups}, padding={self.tf_padding}")
 
 
+def portable_same_pads(size: int, kernel: int, stride: int) -> list[int]:
+    """TF 'SAME' padding [before, after] of a strided kernel (k >= 3 > s, as all of them
+    here: the total is never negative) as arithmetic on a size that may be symbolic."""
+    total = ((size + stride - 1) // stride - 1) * stride + kernel - size
+    return [total // 2, total - total // 2]
+
+
 def _portable_same_padding(
     x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], mode: str,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -264,10 +272,8 @@ def _portable_same_padding(
         if k == 1 or s == 1:  # k=1: never any padding; all kernels here are odd
             pads += [0, 0]
             symmetric.append((k - 1) // 2)
-        else:  # k >= 3 > s: the total is never negative
-            size = x.shape[dim]
-            total = ((size + s - 1) // s - 1) * s + k - size
-            pads += [total // 2, total - total // 2]
+        else:
+            pads += portable_same_pads(x.shape[dim], k, s)
             symmetric.append(0)
             padded = True
     if padded:
