@@ -94,6 +94,17 @@ def tune_allocator(enable: bool = True, largest: int | None = None) -> bool:
     return bool(ok)
 
 
+def trim_allocator() -> bool:
+    """Hand all free heap memory back to the OS now (glibc ``malloc_trim``: also the free
+    pages inside the heap, not only at its top). A no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def _auto_tune_allocator() -> None:
     if not _ALLOCATOR_TUNED[0] and os.environ.get("IMVEC_MALLOC_TUNING", "1") != "0":
         tune_allocator(True)

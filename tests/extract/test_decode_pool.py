@@ -2,6 +2,8 @@
 decoder costs one image only."""
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -134,3 +136,30 @@ def test_workers_give_back_a_huge_images_memory(tmp_path):
     np.testing.assert_allclose(batch.images[0, 0, 0], np.array([90, 120, 200]) / 255 * 2 - 1,
                                atol=2e-2)  # JPEG's color rounding
     assert grown < 40, f"the worker kept {grown:.0f} MB after decoding one huge image"
+
+
+WORKER_HEAP = """
+import numpy as np
+from imvec.extract import pool
+from imvec.inference import tune_allocator
+tune_allocator(True, largest=pool.WORKER_KEEPS_BLOCKS_UP_TO)  # as a worker starts
+pool._RSS_KEPT[0] = start = pool._resident_bytes()
+blocks = [np.ones(1 << 17) for _ in range(200)]  # 200 MB in 1 MB heap blocks
+fence = np.ones(1 << 14)  # keeps the freed blocks off the heap's top (no automatic trim)
+del blocks
+freed = pool._resident_bytes() - start
+pool._give_back_a_huge_images_memory()
+print(freed >> 20, (pool._resident_bytes() - start) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_worker_trims_memory_freed_inside_its_heap():
+    """Blocks freed inside the heap stay resident (a huge image decoded into free chunks a
+    forked worker inherited: seen after tests/test_inference.py ran in the same process);
+    after a chunk, a worker that grew by more than it keeps on purpose trims them."""
+    out = subprocess.run([sys.executable, "-c", WORKER_HEAP], capture_output=True, text=True,
+                         check=True).stdout.split()
+    resident_after_free, after_trim = int(out[0]), int(out[1])
+    assert resident_after_free > 150  # the situation: freed, still resident
+    assert after_trim < 20

@@ -27,7 +27,7 @@ from imvec.data.decode import ImageDecodeError
 from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item
 from imvec.extract.ring import BatchRing
-from imvec.inference import tune_allocator
+from imvec.inference import trim_allocator, tune_allocator
 from imvec.network_range import to_network_range
 
 __all__ = ["Batch", "DecodePool", "decode_into", "default_workers"]
@@ -85,7 +85,30 @@ def _decode_chunk(preprocessing: Preprocessing, items: Sequence[Item], slot: int
     ring = _RING[0]
     rows = (ring[slot, start:start + len(items)] if ring is not None else
             np.zeros((len(items), *preprocessing.size, 3), np.float32))
-    return decode_into(preprocessing, items, rows), (None if ring is not None else rows)
+    errors = decode_into(preprocessing, items, rows)
+    _give_back_a_huge_images_memory()
+    return errors, (None if ring is not None else rows)
+
+
+_RSS_KEPT = [0]  # a worker's resident bytes after its start or its last trim
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _give_back_a_huge_images_memory() -> None:
+    """Trim the heap when the worker grew by more than it keeps on purpose: a huge image's
+    buffers may come from free heap chunks (a forked worker inherits its parent's, e.g.
+    after a pool restart) instead of fresh mappings, and would stay resident when freed."""
+    resident = _resident_bytes()
+    if resident > _RSS_KEPT[0] + 2 * WORKER_KEEPS_BLOCKS_UP_TO:
+        trim_allocator()
+        _RSS_KEPT[0] = _resident_bytes()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -110,6 +133,7 @@ def _init_worker(parent: int, ring: np.ndarray | None) -> None:
     # back to the kernel and fault them in again each time (decoding ran up to 2x slower).
     # Huge images' buffers still go back at once.
     tune_allocator(True, largest=WORKER_KEEPS_BLOCKS_UP_TO)
+    _RSS_KEPT[0] = _resident_bytes()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     try:
         import cv2
