@@ -501,6 +501,13 @@ with numpy (one thread; that made the ONNX Runtime engine 2-4x faster on MobileN
 batch 1 than torch ops did) and ONNX Runtime scales it to [-1, 1] in its graph, on all
 threads: numpy's scaling ran 3x slower right after a call, beside ONNX Runtime's
 spin-waiting threads (MobileNet 4% faster at batch 16, 12% at batch 1 in its graph).
+In the exported graph the first convolution reads the NHWC batch in place, as one-channel
+`[B, 1, H, 3W]` images under a `k x 3k` kernel of stride `(s, 3s)`, with the scaling
+folded into its weights (and into its bias where it reads no padding, as NASNet's stems):
+no transpose and at most one pass over the images before it (MobileNet at batch 16: 2-9%
+faster by the machine's phase, NASNet-mobile ~1%). The range check reads the images once,
+as integers (the bits of floats in [0, 1] order as their values; min and max decide only
+when that fails).
 
 On a busy shared CPU, PyTorch's OpenMP threads spin-wait for each other between the
 ~1,000 operations of a NASNet; `OMP_WAIT_POLICY=PASSIVE` (set before Python starts) avoids

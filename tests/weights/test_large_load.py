@@ -1,6 +1,7 @@
 """Full-size loading: AmoebaNet-A's ~468M parameters load without a second copy (heavy)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,16 +12,24 @@ import imvec
 from imvec.registry import find_card
 from imvec.weights.convert import FORMAT, save_converted
 
-MEASURE = """
-import resource, sys, imvec
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# Peak RSS of the subprocess itself: /proc's VmHWM (ru_maxrss keeps the pytest process's
+# RSS from the fork, which could hide the peak being measured).
+KIB = """
+def kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+"""
+
+MEASURE = KIB + """
+import sys, imvec
+base = kib("VmRSS")
 module = imvec.load(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(base * 1024, peak * 1024, sum(p.numel() for p in module.parameters()))
+print(base * 1024, kib("VmHWM") * 1024, sum(p.numel() for p in module.parameters()))
 """
 
 
 @pytest.mark.heavy
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 def test_amoebanet_loads_within_one_and_a_half_times_the_file(tmp_path):
     card = find_card("amoebanet_a_n18_f448")
     with torch.device("meta"):
@@ -53,3 +62,39 @@ def test_every_handle_builds_and_runs_with_random_weights(handle):
         out = module(images)
     expected = module.card.num_features if module.card.variant == "feature_vector" else 1001
     assert out.shape == (1, expected) and torch.isfinite(out).all()
+
+
+CONVERT = KIB + """
+import sys
+from imvec.weights.convert import convert_checkpoint
+base = kib("VmRSS")
+convert_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3])
+print(base * 1024, kib("VmHWM") * 1024)
+"""
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_tf_checkpoint_conversion_holds_one_copy_of_the_weights(tmp_path):
+    """Peak RSS while converting: the mapped checkpoint (page cache, counted in RSS) plus one
+    copy of the weights; a network with random weights, or a second copy in the PyTorch
+    layout, made it 3x."""
+    from imvec.weights.mapping import variable_map
+    from imvec.weights.tf_checkpoint import write_checkpoint
+
+    with torch.device("meta"):
+        net = find_card("pnasnet_large").build()
+    net = net.to_empty(device="cpu")
+    for tensor in net.state_dict().values():
+        tensor.fill_(0.5) if tensor.is_floating_point() else tensor.zero_()
+    prefix = tmp_path / "model.ckpt"
+    write_checkpoint(prefix, {k: v.detach().numpy() for k, v in variable_map(net).items()})
+    del net
+    size = sum(p.stat().st_size for p in tmp_path.glob("model.ckpt.data-*"))
+    out = tmp_path / "converted.safetensors"
+    result = subprocess.run([sys.executable, "-c", CONVERT, str(prefix), "pnasnet_large",
+                             str(out)], capture_output=True, text=True, check=True)
+    base, peak = map(int, result.stdout.split())
+    assert out.stat().st_size > 0.99 * size
+    assert peak - base < 2.4 * size, (f"converting a {size / 2**20:.0f} MiB checkpoint raised "
+                                      f"peak RSS by {(peak - base) / 2**20:.0f} MiB")

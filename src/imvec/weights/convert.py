@@ -80,7 +80,8 @@ def convert_tensors(
     if isinstance(tensors, CheckpointReader):
         tensors = _ReaderMapping(tensors)
     has_logits = any(k.startswith(LOGITS_PREFIXES) for k in tensors)
-    net = card.build(**hparams) if not has_logits else _build(card, hparams, 1001)
+    with torch.device("meta"):  # no random weights: the checkpoint's become the network's
+        net = card.build(**hparams) if not has_logits else _build(card, hparams, 1001)
     load_tf_variables(net, tensors)
     metadata = {
         "format": FORMAT,

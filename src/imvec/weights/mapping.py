@@ -126,7 +126,8 @@ def variable_map(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_tf_variables(net: nn.Module, variables: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-    """Copy TF-named tensors into ``net``, strictly.
+    """Copy TF-named tensors into ``net``, strictly (a network built on the meta device
+    takes them as its tensors).
 
     Every tensor must map to a parameter of the right shape and every parameter must be
     filled; entries matched by :data:`IGNORED_PATTERNS` are skipped knowingly.
@@ -140,13 +141,17 @@ def load_tf_variables(net: nn.Module, variables: Mapping[str, np.ndarray | torch
     for name, binding in bindings.items():
         if name not in variables:
             continue
-        value = to_torch_layout(variables[name], binding.layout)
-        expected = state[binding.param].shape
-        if value.shape != expected:
-            tf_expected = tuple(to_tf_layout(state[binding.param], binding.layout).shape)
-            wrong_shape.append(f"{name}: checkpoint {tuple(np.shape(variables[name]))}, "
+        array = variables[name]
+        value, target = to_torch_layout(array, binding.layout), state[binding.param]
+        if value.shape != target.shape:
+            tf_expected = tuple(to_tf_layout(target, binding.layout).shape)
+            wrong_shape.append(f"{name}: checkpoint {tuple(np.shape(array))}, "
                                f"network {tf_expected}")
-        converted[binding.param] = value
+            continue
+        # contiguous in the network's dtype now, so that the checkpoint's array (a layout
+        # view's base) is freed at once: conversion holds one copy of the weights
+        converted[binding.param] = value.to(dtype=target.dtype).contiguous()
+        del array, value
     if unmapped or missing or wrong_shape:
         problems = []
         if unmapped:
@@ -162,6 +167,9 @@ def load_tf_variables(net: nn.Module, variables: Mapping[str, np.ndarray | torch
             "the checkpoint does not fit this network ("
             + "; ".join(problems)
             + "). Check the architecture and its hyper-parameters (e.g. --arch/--hparam).")
+    if next(iter(state.values())).is_meta:  # built without memory: these become its tensors
+        net.load_state_dict(converted, strict=False, assign=True)
+        return
     with torch.no_grad():
         for param, value in converted.items():
             state[param].copy_(value)
