@@ -303,9 +303,9 @@ class Module(nn.Module):
                              f"{h}x{w} first.")
         param = next(self.net.parameters())
         x = images.to(device=param.device, dtype=param.dtype)
-        if x.numel() and not (in_numpy(x) and surely_in_unit_range(x.numpy(), RANGE_TOLERANCE)):
-            if in_numpy(x):
-                array = x.numpy()
+        array = x.numpy() if in_numpy(x) else None
+        if x.numel() and not (array is not None and surely_in_unit_range(array, RANGE_TOLERANCE)):
+            if array is not None:
                 lo, hi = float(array.min()), float(array.max())
             else:
                 lo, hi = (float(v) for v in torch.aminmax(x))
