@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imvec.nchwc import align_channels, nchwc_block
 from imvec.nets.fast import fast_network
 from imvec.nets.fusion import FusedConv, fused_conv2d, portable_ops, portable_same_pads
 
@@ -210,6 +211,18 @@ def _export_onnx(graph: nn.Module, example: torch.Tensor, name: str, variable: b
     program.save(str(path))
 
 
+def _align_for_this_cpu(path: Path) -> None:
+    """Channel counts padded to this CPU's NCHWc block (:mod:`imvec.nchwc`), in place."""
+    block = nchwc_block()
+    if block > 1:
+        import onnx
+
+        model = align_channels(onnx.load(str(path)), block)
+        external = model.ByteSize() > ONNX_CACHE_MAX_BYTES  # protobuf stops at 2 GiB
+        onnx.save(model, str(path), save_as_external_data=external,
+                  location=f"{path.name}.data" if external else None)
+
+
 ONNX_CACHE_MAX_BYTES = 1 << 30  # larger exports carry external data files: not cached
 _GRAPH_FORM = "nhwc-stem"  # in the cache key: a change of the exported graph re-exports
 
@@ -224,7 +237,8 @@ def _cache_path(net: nn.Module, pre_logits: bool, size: tuple[int, int],
     if sum(t.numel() * t.element_size() for t in tensors.values()) > ONNX_CACHE_MAX_BYTES:
         return None
     digest = hashlib.sha256(f"{__version__} {torch.__version__} {ONNX_OPSET} {pre_logits} "
-                            f"{size} {_GRAPH_FORM} {'unit ' if unit_range else ''}{net!r}".encode())
+                            f"{size} {_GRAPH_FORM} nchwc{nchwc_block()} "
+                            f"{'unit ' if unit_range else ''}{net!r}".encode())
     for name, tensor in tensors.items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -285,6 +299,7 @@ class OnnxRuntimeNet:
                 with torch.no_grad(), portable_ops(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     _export_onnx(graph, example, "x", False, path, ONNX_OPSET)
+                _align_for_this_cpu(path)
                 self._sessions[key] = onnxruntime_session(path, self.threads)
                 if cached is not None:
                     try:
