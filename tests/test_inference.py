@@ -156,6 +156,9 @@ def test_engine_follows_weight_changes(converted):
     module.load_state_dict(imvec.load(converted("nasnet_mobile_small")).state_dict())
     expected = np.load(FIXTURES / "nasnet_mobile_small" / "expected.npz")["features"]
     assert_close("after load_state_dict", module(images).numpy(), expected)
+    edited = {name: t.clone() for name, t in reference.state_dict().items()}  # gamma x 3
+    module.load_state_dict(edited, assign=True)  # new tensors in the net, none written
+    assert_close("after assign=True", module(images).numpy(), reference(images).numpy())
 
 
 def test_engine_choice_and_errors(converted, monkeypatch):

@@ -315,9 +315,14 @@ class OnnxRuntimeNet:
                  pre_logits: bool = False, unit_range: bool = False) -> torch.Tensor:
         if end_points is not None:
             raise ValueError("the onnxruntime engine returns no end points; use engine='fast'")
-        session = self._session(pre_logits, (int(x.shape[-2]), int(x.shape[-1])), unit_range)
         # numpy views, not torch ones: right after a call each torch op costs ~30 us
         nhwc = x.numpy(force=True).transpose(0, 2, 3, 1)  # a view, where x came from a module
-        array = np.ascontiguousarray(nhwc, dtype=np.float32)
-        (out,) = session.run(None, {"x": array})
+        return self.run_nhwc(nhwc, pre_logits, unit_range)
+
+    def run_nhwc(self, images: np.ndarray, pre_logits: bool = False,
+                 unit_range: bool = False) -> torch.Tensor:
+        """The output for NHWC ``images`` in numpy (in [0, 1] with ``unit_range``)."""
+        session = self._session(pre_logits, (int(images.shape[1]), int(images.shape[2])),
+                                unit_range)
+        (out,) = session.run(None, {"x": np.ascontiguousarray(images, dtype=np.float32)})
         return torch.from_numpy(out)

@@ -226,7 +226,11 @@ class Module(nn.Module):
         signature="image_feature_vector_with_bn_hparams")``."""
         signature = self._signature(signature)
         images, momentum = self._unpack(inputs, signature, kwargs)
-        x = self._check_images(images)
+        x, array = self._check_images(images)
+        if array is not None and self._inference is not None and not as_dict:
+            out = self._inference.run_nhwc(array, not self._returns_logits(signature), True)
+            if out is not None:
+                return out
         return self._run(x.permute(0, 3, 1, 2), signature, momentum, as_dict, unit_range=True)
 
     def forward_scaled(self, images: torch.Tensor) -> torch.Tensor:
@@ -236,6 +240,11 @@ class Module(nn.Module):
         that decode and scale in worker processes (``imvec extract``); use ``module(images)``
         otherwise."""
         signature = self._signature(None)
+        if self._inference is not None and in_numpy(images):
+            out = self._inference.run_nhwc(images.numpy(), not self._returns_logits(signature),
+                                           False)
+            if out is not None:
+                return out
         return self._run(images.permute(0, 3, 1, 2), signature, None, False)
 
     def _run(self, x: torch.Tensor, signature: str, momentum: Any, as_dict: bool,
@@ -270,7 +279,9 @@ class Module(nn.Module):
                              f"{sorted(inputs)}")
         return inputs["images"], inputs.get("batch_norm_momentum")
 
-    def _check_images(self, images: Any) -> torch.Tensor:
+    def _check_images(self, images: Any) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The images as a tensor on the weights' device and dtype, and as a numpy array
+        where they are float32 on the CPU (``in_numpy``), checked."""
         h, w = self.card.input_size
         contract = f"images [B,H,W,3] (NHWC, RGB), float32 in [0, 1], e.g. [8,{h},{w},3]"
         if isinstance(images, np.ndarray):
@@ -301,8 +312,10 @@ class Module(nn.Module):
             raise InputError(f"{self.card.handle} expects {h}x{w} images; got "
                              f"{size[0]}x{size[1]} (shape {list(shape)}). Resize them to "
                              f"{h}x{w} first.")
-        param = next(self.net.parameters())
-        x = images.to(device=param.device, dtype=param.dtype)
+        like = (next(self.net.parameters()) if self._inference is None
+                else self._inference.tensors()[0])
+        x = images if images.dtype == like.dtype and images.device == like.device else (
+            images.to(device=like.device, dtype=like.dtype))
         array = x.numpy() if in_numpy(x) else None
         if x.numel() and not (array is not None and surely_in_unit_range(array, RANGE_TOLERANCE)):
             if array is not None:
@@ -312,7 +325,7 @@ class Module(nn.Module):
             if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):
                 raise InputError(f"{contract}; got values in [{lo:.4g}, {hi:.4g}]. Scale "
                                  "8-bit images by 1/255; undo any mean/std normalization.")
-        return x
+        return x, array
 
 
 def get_expected_image_size(module: Module | Card | str) -> tuple[int, int]:
