@@ -507,7 +507,19 @@ folded into its weights (and into its bias where it reads no padding, as NASNet'
 no transpose and at most one pass over the images before it (MobileNet at batch 16: 2-9%
 faster by the machine's phase, NASNet-mobile ~1%). The range check reads the images once,
 as integers (the bits of floats in [0, 1] order as their values; min and max decide only
-when that fails).
+when that fails), and a module hands the numpy images to ONNX Runtime with no torch op on
+the way (each costs ~50 us right after a call, when the caches are cold).
+
+ONNX Runtime runs convolutions, pools, adds and concatenations in a blocked layout (16
+channels per block with AVX-512, 8 with AVX2), but only where a tensor's channel count is a
+multiple of the block: NASNet-mobile's 44 and 88 filters (and the stems' 11 and 22) are
+not, so it ran its adds, relus and concatenations in NCHW between 93 layout reorders per
+call. imvec pads every convolution's output channels to the block with zero weights
+(`imvec.nchwc`; the consumers read the real channels where they lie, and the outputs are
+gathered back in order): NASNet-mobile's bare graph at batch 16 went from 161-167 ms to
+130-135 ms (1.24x), PNASNet-large ~2.5% faster, NASNet-large (168 -> 176 filters) level;
+MobileNet has only aligned channels. The same network with 48 filters instead of 44 had
+run 18% faster, which is what gave it away.
 
 On a busy shared CPU, PyTorch's OpenMP threads spin-wait for each other between the
 ~1,000 operations of a NASNet; `OMP_WAIT_POLICY=PASSIVE` (set before Python starts) avoids

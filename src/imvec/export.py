@@ -271,7 +271,8 @@ class OnnxRuntimeNet:
     dynamic batch but a fixed size, so that ONNX Runtime sees constant paddings it can fold
     into its convolutions. The exported graph takes NHWC: a module's images arrive in that
     layout (``x`` is their NCHW view), so they reach ONNX Runtime without a copy, and its
-    first layout reorder absorbs the transpose. Exports of networks under 1 GiB are kept in
+    first convolution reads them in place. Its channel counts are padded to this CPU's
+    blocked layout (:mod:`imvec.nchwc`). Exports of networks under 1 GiB are kept in
     ``$IMVEC_HOME/onnx``, keyed by the weights, the architecture and the versions, so the
     next process starts at once. End points are not available.
     """
