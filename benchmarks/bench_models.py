@@ -16,6 +16,12 @@ chart (<machine>.png); ``--render FILE.json`` rewrites the report of an earlier 
 result is also given as a fraction of the machine's fp32 matmul peak (the best large sgemm
 through torch.mm), with the network's FLOPs per image counted by torch.utils.flop_counter
 on imvec's graph (2 per multiply-add).
+
+Contestants ending in "-bf16" compute in bfloat16 (imvec: ``precision="bfloat16"``; timm:
+weights and inputs in bfloat16; Keras: the "mixed_bfloat16" policy). They are measured in
+the same rounds but compared apart: the float32 targets count float32 peers only, and the
+bfloat16 table sets imvec-bf16 against the bfloat16 peers (and, as what a user gains by
+choosing it, against the float32 ones), as a fraction of the bf16 matmul peak.
 """
 
 from __future__ import annotations
@@ -39,16 +45,21 @@ WORKER = Path(__file__).resolve().parent / "bench_worker.py"
 
 NETWORKS = {  # imvec short name: input size, contestants beside imvec's own engines
     "nasnet_large": (331, ["keras", "timm-eager", "timm-channels_last", "timm-compiled",
-                           "timm-onnxruntime"]),
+                           "timm-onnxruntime", "keras-bf16", "timm-channels_last-bf16",
+                           "timm-compiled-bf16"]),
     "pnasnet_large": (331, ["timm-eager", "timm-channels_last", "timm-compiled",
-                            "timm-onnxruntime"]),
+                            "timm-onnxruntime", "timm-channels_last-bf16",
+                            "timm-compiled-bf16"]),
     "amoebanet_a_n18_f448": (331, []),
-    "nasnet_mobile": (224, ["keras"]),
+    "nasnet_mobile": (224, ["keras", "keras-bf16"]),
     "mobilenet_v1_050_160": (160, ["keras", "timm-eager", "timm-channels_last",
-                                   "timm-compiled", "timm-onnxruntime"]),
+                                   "timm-compiled", "timm-onnxruntime", "keras-bf16",
+                                   "timm-channels_last-bf16", "timm-compiled-bf16"]),
 }
+BF16 = "-bf16"  # the suffix of the contestants that compute in bfloat16
 LARGE = ("nasnet_large", "pnasnet_large", "amoebanet_a_n18_f448")
 OURS = "imvec"  # the default engine ("auto"); "imvec-<engine>" are the others
+OURS_BF16 = "imvec-bf16"  # the default engine with precision="bfloat16"
 TARGET_PEAK, TARGET_VS_BASELINES = 0.85, 1.5
 
 
@@ -70,13 +81,15 @@ def machine_name() -> str:
     return f"{slug}-{os.cpu_count()}c"
 
 
-def matmul_peak(threads: int, size: int = 4096, reps: int = 5) -> float:
-    """Best GFLOP/s of a large fp32 sgemm through torch.mm (MKL / OpenBLAS)."""
+def matmul_peak(threads: int, size: int = 4096, reps: int = 5, dtype: str = "float32") -> float:
+    """Best GFLOP/s of a large matmul through torch.mm (MKL / OpenBLAS sgemm for float32,
+    oneDNN for bfloat16)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
+    out = torch.empty(size, size, dtype=kind)
     torch.mm(a, b, out=out)
     best = float("inf")
     for _ in range(reps):
@@ -181,14 +194,17 @@ def default_engine(network: str) -> str:
 
 def contestants(network: str, default: str, args: argparse.Namespace) -> list[Contestant]:
     ours = [OURS] + [f"imvec-{e}" for e in args.engines if e != default]
+    if "bfloat16" in args.precisions:
+        ours.append(OURS_BF16)
     if network == "amoebanet_a_n18_f448":
         # ONNX: 1.9 GB of weights, over the 2 GB protobuf once exported. compile: minutes
         # of compilation and a second copy of the weights as constants, for the same
         # convolutions (on NASNet-large it ran at the speed of "fast").
         ours = [k for k in ours if k not in ("imvec-onnxruntime", "imvec-compile")]
-    peers = [k for k in NETWORKS[network][1] if k.split("-")[0] in args.peers]
+    peers = [k for k in NETWORKS[network][1] if k.split("-")[0] in args.peers
+             and (not k.endswith(BF16) or "bfloat16" in args.precisions)]
     if args.quick:
-        peers = [k for k in peers if not k.endswith("compiled")]
+        peers = [k for k in peers if "compiled" not in k]
     pythons = {"imvec": sys.executable, "keras": args.keras_python, "timm": args.timm_python}
     found = []
     for kind in ours + peers:
@@ -275,14 +291,16 @@ def summarize(c: Contestant) -> dict[str, Any]:
 
 # -- analysis ----------------------------------------------------------------------------
 
-def analyse(results: dict[str, Any], peak: float) -> None:
-    """Adds fractions of peak, ratios (imvec / contestant) and the issue's targets."""
+def analyse(results: dict[str, Any], peak: float, peak_bf16: float | None = None) -> None:
+    """Adds fractions of peak (bfloat16 contestants: of the bf16 peak), ratios (imvec /
+    contestant), the issue's targets and the bfloat16 comparison."""
     for network, entry in results["networks"].items():
         gflops = entry["gflops_per_image"]
         runs = entry["results"]
-        for data in runs.values():
+        for kind, data in runs.items():
+            own_peak = peak_bf16 if kind.endswith(BF16) and peak_bf16 else peak
             for stats in data["batches"].values():
-                stats["peak_fraction"] = stats["img_s"] * gflops / peak
+                stats["peak_fraction"] = stats["img_s"] * gflops / own_peak
         ours = runs.get(OURS, {}).get("batches", {})
         entry["ratios"], entry["ratio_ranges"] = {}, {}
         for batch in ours:
@@ -292,6 +310,7 @@ def analyse(results: dict[str, Any], peak: float) -> None:
             entry["ratios"][batch] = {k: statistics.median(v) for k, v in paired.items()}
             entry["ratio_ranges"][batch] = {k: [min(v), max(v)] for k, v in paired.items()}
         entry["targets"] = targets(network, entry, ours)
+        entry["bf16"] = bf16_comparison(runs)
 
 
 def paired_ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> list[float]:
@@ -313,7 +332,8 @@ def targets(network: str, entry: dict[str, Any], ours: dict[str, Any]) -> dict[s
     best_batch = max(ours, key=lambda b: ours[b]["img_s"])
     ratios = entry["ratios"][best_batch]
     ranges = entry.get("ratio_ranges", {}).get(best_batch, {})
-    peers = {k: v for k, v in ratios.items() if not k.startswith("imvec")}
+    peers = {k: v for k, v in ratios.items()
+             if not k.startswith("imvec") and not k.endswith(BF16)}
     checks: dict[str, Any] = {"best_batch": int(best_batch)}
     if peers:
         best_peer = min(peers, key=peers.get)
@@ -329,6 +349,25 @@ def targets(network: str, entry: dict[str, Any], ours: dict[str, Any]) -> dict[s
         fraction = ours[best_batch]["peak_fraction"]
         checks["peak_fraction"] = {"value": fraction, "met": fraction >= TARGET_PEAK}
     return checks
+
+
+def bf16_comparison(runs: dict[str, Any]) -> dict[str, Any]:
+    """imvec-bf16 at its best batch size against each contestant (paired ratios)."""
+    ours = runs.get(OURS_BF16, {}).get("batches", {})
+    if not ours:
+        return {}
+    best_batch = max(ours, key=lambda b: ours[b]["img_s"])
+    ratios = {}
+    for kind, data in runs.items():
+        if kind != OURS_BF16 and best_batch in data["batches"]:
+            paired = paired_ratios(ours[best_batch], data["batches"][best_batch])
+            ratios[kind] = {"ratio": statistics.median(paired),
+                            "range": [min(paired), max(paired)]}
+    peers = {k: v["ratio"] for k, v in ratios.items() if k.endswith(BF16)}
+    best_peer = min(peers, key=peers.get) if peers else None
+    return {"best_batch": int(best_batch), "img_s": ours[best_batch]["img_s"],
+            "peak_fraction": ours[best_batch].get("peak_fraction"), "ratios": ratios,
+            "best_bf16_peer": best_peer}
 
 
 # -- reports -----------------------------------------------------------------------------
@@ -381,8 +420,10 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
         "Training, `variable_map` and fine-tuning keep the faithful graph.",
         "",
         f"Measured by `python benchmarks/bench_models.py` on {m['cpu']} ({m['cores']} cores, "
-        f"{s['threads']} threads), {m['date']}, fp32, random weights. fp32 matmul peak "
-        f"(torch.mm, 4096²): **{m['peak_gflops']:.0f} GFLOP/s**. Load average "
+        f"{s['threads']} threads), {m['date']}, fp32 (rows ending in -bf16: bfloat16), "
+        f"random weights. fp32 matmul peak (torch.mm, 4096²): **{m['peak_gflops']:.0f} "
+        "GFLOP/s**" + (f"; bf16: {m['peak_bf16_gflops']:.0f} GFLOP/s (the % peak of the "
+                       "-bf16 rows)" if m.get("peak_bf16_gflops") else "") + ". Load average "
         f"{m['loadavg_start']:.2f} at the start, {m['loadavg_end']:.2f} at the end"
         + (" (a shared machine: absolute numbers are low and noisy; the contestants took "
            "turns, so the ratios are the fair part)." if m["loadavg_start"] > 0.5 * m["cores"]
@@ -444,12 +485,40 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
         lines.append(f"| {network} | {t.get('best_batch', '–')} | {cell('ahead_of_best_peer')}"
                      f" | {cell('vs_keras')} | {cell('vs_timm-eager')} | "
                      f"{cell('peak_fraction', 'value')} |")
+    lines += bf16_markdown(results)
     lines += ["", f"![speed]({chart_name})", "",
               "Peak RSS is the contestant process's maximum resident memory over the run "
               "(weights, both batch sizes, and for imvec the faithful and the inference "
               "graph). Setup of the peers: `benchmarks/README.md`.", ""]
     lines += HOW.splitlines()
     return "\n".join(lines)
+
+
+def bf16_markdown(results: dict[str, Any]) -> list[str]:
+    rows = [(n, e["bf16"]) for n, e in results["networks"].items() if e.get("bf16")]
+    if not rows:
+        return []
+    lines = ["", "### bfloat16 (`precision=\"bfloat16\"`, opt-in: ~0.4% error in the "
+             "features), at imvec-bf16's best batch size", "",
+             "Ratios: imvec-bf16's speed over the contestant's, paired by round. The float32 "
+             "columns are what choosing bfloat16 gains over float32 code, not a like-for-like "
+             "race; the bf16 peer column is.", "",
+             "| network | batch | imvec-bf16 img/s | % bf16 peak | vs best bf16 peer | "
+             "vs imvec (float32) | vs Keras (float32) | vs timm eager (float32) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for network, c in rows:
+        def ratio(kind: str | None, c: dict = c) -> str:
+            r = c["ratios"].get(kind) if kind else None
+            if not r:
+                return "n/a"
+            return f"{r['ratio']:.2f}× [{r['range'][0]:.2f}–{r['range'][1]:.2f}]"
+        peer = c.get("best_bf16_peer")
+        fraction = c.get("peak_fraction")
+        lines.append(f"| {network} | {c['best_batch']} | {c['img_s']:.2f} | "
+                     f"{_fmt(fraction and 100 * fraction, '.0f')} | "
+                     f"{ratio(peer)}{f' ({peer})' if peer else ''} | {ratio(OURS)} | "
+                     f"{ratio('keras')} | {ratio('timm-eager')} |")
+    return lines
 
 
 HOW = """
@@ -548,6 +617,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "compile left out with --quick; the one the default picks for a network "
                    "is not run twice)")
     p.add_argument("--peers", default="keras,timm", help="peer families (default: keras,timm)")
+    p.add_argument("--precisions", default="float32,bfloat16",
+                   help="float32 always runs; bfloat16 adds imvec-bf16 and the -bf16 peers "
+                   "(default: float32,bfloat16)")
     p.add_argument("--keras-python", default=str(ROOT / ".venv-tf" / "bin" / "python"))
     p.add_argument("--timm-python", default=str(ROOT / ".venv-timm" / "bin" / "python"))
     p.add_argument("--timeout", type=float, default=1800,
@@ -574,6 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.engines = [e for e in args.engines if e != "compile"]
     args.peers = [p_ for p_ in args.peers.split(",") if p_]
+    args.precisions = [p_ for p_ in args.precisions.split(",") if p_]
     args.env = {} if args.omp_wait_policy == "default" else {
         "OMP_WAIT_POLICY": args.omp_wait_policy.upper()}
     return args
@@ -605,13 +678,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     peaks = [matmul_peak(args.threads)]
+    bf16_peaks = [matmul_peak(args.threads, dtype="bfloat16")] if (
+        "bfloat16" in args.precisions) else []
     results: dict[str, Any] = {
         "machine": {"name": name, "cpu": cpu_model(), "cores": os.cpu_count(),
                     "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(),
                     "torch": torch.__version__, "loadavg_start": os.getloadavg()[0]},
         "settings": {"threads": args.threads, "batch_sizes": args.batch_sizes,
                      "rounds": args.rounds, "round_seconds": args.round_seconds,
-                     "quick": args.quick, "dtype": "float32", "weights": "random",
+                     "quick": args.quick, "dtype": "float32", "precisions": args.precisions,
+                     "weights": "random",
                      "omp_wait_policy": args.omp_wait_policy},
         "networks": {},
     }
@@ -624,10 +700,14 @@ def main(argv: list[str] | None = None) -> int:
         entry["loadavg_end"] = os.getloadavg()[0]
         results["networks"][network] = entry
         peaks.append(matmul_peak(args.threads))
+    if bf16_peaks:
+        bf16_peaks.append(matmul_peak(args.threads, dtype="bfloat16"))
+        results["machine"].update(peak_bf16_gflops=max(bf16_peaks),
+                                  peak_bf16_samples=bf16_peaks)
     results["machine"].update(peak_gflops=max(peaks), peak_samples=peaks,
                               loadavg_end=os.getloadavg()[0],
                               duration_min=(time.time() - started) / 60)
-    analyse(results, max(peaks))
+    analyse(results, max(peaks), max(bf16_peaks, default=None))
     json_path = out_dir / f"{name}{suffix}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     text = write_report(json_path)

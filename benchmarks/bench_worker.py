@@ -10,8 +10,10 @@ the model, then answers JSON lines on stdin:
 
 Only the protocol goes to stdout; anything the libraries print goes to stderr. KIND is one of
 imvec (the default engine, "auto"), imvec-ENGINE, keras, timm-eager, timm-channels_last,
-timm-compiled, timm-onnxruntime. This file imports only what its KIND needs, so it runs in
-the Keras and timm environments too.
+timm-compiled, timm-onnxruntime; a "-bf16" suffix runs it in bfloat16 (imvec-bf16: the
+default engine with precision="bfloat16"; timm: weights and inputs in bfloat16; keras: the
+"mixed_bfloat16" policy). This file imports only what its KIND needs, so it runs in the
+Keras and timm environments too.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def build_imvec(engine: str, network: str, size: int, threads: int):
+def build_imvec(engine: str, network: str, size: int, threads: int, bf16: bool = False):
     import numpy as np
     import torch
 
     import imvec
 
     torch.set_num_threads(threads)
-    module = imvec.load(network, pretrained=False, engine=engine)
+    module = imvec.load(network, pretrained=False, engine=engine,
+                        precision="bfloat16" if bf16 else None)
     inputs: dict[int, object] = {}
 
     def run(batch: int) -> None:
@@ -66,7 +69,7 @@ def _timm_model(network: str):
     return timm.create_model(name, pretrained=False, num_classes=0)
 
 
-def build_timm(mode: str, network: str, size: int, threads: int):
+def build_timm(mode: str, network: str, size: int, threads: int, bf16: bool = False):
     import torch
 
     torch.set_num_threads(threads)
@@ -74,6 +77,8 @@ def build_timm(mode: str, network: str, size: int, threads: int):
     if mode == "onnxruntime":
         return _timm_onnxruntime(model, network, size, threads)
     layout = torch.channels_last if mode in ("channels_last", "compiled") else None
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = model.to(dtype)
     if layout is not None:
         model = model.to(memory_format=layout)
     if mode == "compiled":  # frozen weights, as imvec's compile engine has them
@@ -82,7 +87,7 @@ def build_timm(mode: str, network: str, size: int, threads: int):
 
     def run(batch: int) -> None:
         if batch not in inputs:
-            x = torch.rand(batch, 3, size, size)
+            x = torch.rand(batch, 3, size, size, dtype=dtype)
             inputs[batch] = x.contiguous(memory_format=layout) if layout else x
         with torch.inference_mode():
             model(inputs[batch])
@@ -119,11 +124,13 @@ def _timm_onnxruntime(model, network: str, size: int, threads: int):
     return run
 
 
-def build_keras(network: str, size: int, threads: int):
+def build_keras(network: str, size: int, threads: int, bf16: bool = False):
     import numpy as np
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
+    if bf16:  # float32 variables, bfloat16 compute (Keras' mixed precision)
+        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
     apps = tf.keras.applications
     kwargs = dict(weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3))
     if network == "mobilenet_v1_050_160":
@@ -142,13 +149,14 @@ def build_keras(network: str, size: int, threads: int):
 
 
 def build(kind: str, network: str, size: int, threads: int):
-    family, _, mode = kind.partition("-")
+    bf16 = kind.endswith("-bf16")
+    family, _, mode = kind.removesuffix("-bf16").partition("-")
     if family == "imvec":
-        return build_imvec(mode or "auto", network, size, threads)
+        return build_imvec(mode or "auto", network, size, threads, bf16)
     if family == "timm":
-        return build_timm(mode, network, size, threads)
+        return build_timm(mode, network, size, threads, bf16)
     if family == "keras":
-        return build_keras(network, size, threads)
+        return build_keras(network, size, threads, bf16)
     raise SystemExit(f"unknown contestant {kind!r}")
 
 

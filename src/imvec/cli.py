@@ -125,7 +125,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, workers=args.workers, size=args.size, crop=args.crop,
         max_pixels=args.max_pixels or None, path_column=args.path_column, engine=args.engine,
         address=args.address, actors=args.actors, device=args.device,
-        overwrite=args.overwrite, progress=not args.quiet, commit_every=args.commit_every)
+        overwrite=args.overwrite, progress=not args.quiet, commit_every=args.commit_every,
+        precision=args.precision)
     try:
         result = run(job)
     except KeyboardInterrupt:
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Ray model replicas (default: one per GPU, else one per CPU)")
     extract.add_argument("--device", help="torch device for the model (default: cuda if "
                          "available, else cpu)")
+    extract.add_argument("--precision", choices=("float32", "bfloat16", "fp32", "bf16"),
+                         help="bfloat16 (bf16): faster on CPUs with AVX512-BF16 or AMX, "
+                         "~0.4%% error in the vectors (default: float32, TF's numbers)")
     extract.add_argument("--commit-every", type=int, default=1024, metavar="N",
                          help="commit results every N images; a crash loses at most that "
                          "much work (default: 1024)")

@@ -30,6 +30,16 @@ Engines (``imvec.load(..., engine=...)``):
 ``"faithful"``
     The training graph in eval mode: the reference, and what ``trainable=True`` always runs.
 
+Precision (``imvec.load(..., precision=...)``): ``"float32"`` (the default) gives
+TensorFlow's outputs to float32 rounding. ``"bfloat16"`` runs the fast graph (or the
+compiled one) with bfloat16 weights and activations, for throughput where a rounding error
+of ~0.4% in the features is acceptable (retrieval, clustering; on the TF fixtures 0.30-0.41%
+of the largest feature, cosine to TF's vectors >= 0.99999). On a CPU with AVX512-BF16 or AMX
+it ran 1.6-2.4x the float32 fast graph at batch 16 (2 cores of an AMD EPYC; see
+benchmarks/bench_models.py); without them it is emulated and slow. Images and features stay
+float32 at the module's boundary; BN is folded in float32 before the weights are rounded.
+ONNX Runtime has no bfloat16 CPU kernels, so "auto" picks "fast".
+
 The faithful network is never changed: ``variable_map``, ``state_dict`` and fine-tuning see
 the original, unfolded variables. A built engine is dropped (and rebuilt on the next call)
 when the faithful weights change, e.g. after ``load_state_dict`` or ``.to()``.
@@ -53,9 +63,11 @@ from torch import nn
 from imvec.nets.fast import fast_network
 from imvec.network_range import to_network_range_tensor
 
-__all__ = ["ENGINES", "InferenceGraph", "optimize", "tune_allocator"]
+__all__ = ["ENGINES", "PRECISIONS", "InferenceGraph", "optimize", "tune_allocator"]
 
 ENGINES = ("auto", "fast", "compile", "onnxruntime", "faithful")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 ENV_ENGINE = "IMVEC_ENGINE"
 # "auto" runs ONNX Runtime on a CPU: it ran every network faster than the fast graph at
 # batch 1 and 16 (benchmarks/bench_models.py), except AmoebaNet-A, whose 1.8 GB of weights
@@ -117,12 +129,33 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
 
 
-def check_engine(engine: str | None, trainable: bool, network: str | None = None) -> str:
+def check_precision(precision: str | None) -> str:
+    """The canonical name of a precision ("float32", "bfloat16"; "fp32" and "bf16" too)."""
+    name = _PRECISION_ALIASES.get(precision or "float32", precision or "float32")
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of "
+                         f"{', '.join(PRECISIONS)}")
+    return name
+
+
+def check_engine(engine: str | None, trainable: bool, network: str | None = None,
+                 precision: str = "float32") -> str:
     """The engine a module runs, with a clear error for impossible combinations. ``auto``
     resolves to the one measured fastest for ``network`` (see the module's docstring)."""
     engine = engine or "auto"
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if precision != "float32":
+        if trainable:
+            raise ValueError(f"precision={precision!r} is for inference (a snapshot of the "
+                             "weights, rounded); a trainable module keeps float32 weights. "
+                             "For mixed-precision fine-tuning wrap the steps in "
+                             "torch.autocast(device_type, dtype=torch.bfloat16).")
+        if engine in ("onnxruntime", "faithful"):
+            raise ValueError(f"engine={engine!r} runs float32 only; precision={precision!r} "
+                             "needs engine='fast' or 'compile' (or 'auto')")
+        if engine == "auto" and os.environ.get(ENV_ENGINE) not in ("fast", "compile"):
+            return "fast"
     if trainable and engine not in ("auto", "faithful"):
         raise ValueError(f"engine={engine!r} is an inference engine, built from a snapshot of "
                          "the weights; a trainable module runs the faithful graph. Load with "
@@ -140,25 +173,28 @@ def check_engine(engine: str | None, trainable: bool, network: str | None = None
             else "fast")
 
 
-def _build(net: nn.Module, engine: str) -> Callable[..., torch.Tensor]:
+def _build(net: nn.Module, engine: str,
+           dtype: torch.dtype = torch.float32) -> Callable[..., torch.Tensor]:
     _auto_tune_allocator()  # also spares the onnxruntime engine's inputs fresh page faults
     if engine == "onnxruntime":
         from imvec.export import OnnxRuntimeNet
 
         return OnnxRuntimeNet(net)
     if engine == "compile":
-        return _compiled(net)
-    return fast_network(net)
+        return _compiled(net, dtype)
+    fast = fast_network(net)
+    return fast if dtype == torch.float32 else fast.to(dtype)
 
 
-def _compiled(net: nn.Module) -> nn.Module:
+def _compiled(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The fast graph in standard ops under ``torch.compile``: Inductor then fuses the
     pooling, adds, relus and concatenations into generated loops (17% faster than the
     eager graph on NASNet-mobile at batch 16 here) and calls oneDNN for the convolutions.
     Freezing turns the weights into constants, so Inductor packs them for oneDNN once and
     fuses the relus and adds into the convolutions (another 1.2x on NASNet-mobile); the
     engine is rebuilt when the weights change (InferenceGraph), so constants do no harm."""
-    graph = torch.compile(fast_network(net, portable=True), dynamic=False,
+    fast = fast_network(net, portable=True)
+    graph = torch.compile(fast if dtype == torch.float32 else fast.to(dtype), dynamic=False,
                           options={"freezing": True})
     return PaddedBatches(graph)
 
@@ -208,10 +244,14 @@ class InferenceGraph:
     ``parameters`` of the module that owns it.
     """
 
-    def __init__(self, net: nn.Module, engine: str = "fast", chosen: bool = False) -> None:
+    def __init__(self, net: nn.Module, engine: str = "fast", chosen: bool = False,
+                 precision: str = "float32") -> None:
         """``chosen``: the engine was picked by "auto", so where it cannot run (inputs off
-        the CPU, a failed export) the fast graph runs instead."""
+        the CPU, a failed export) the fast graph runs instead. ``precision``: the dtype of
+        the engine's weights and activations (inputs and outputs stay float32)."""
         self.net, self.engine, self.chosen = net, engine, chosen
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
         self._built: Callable[..., torch.Tensor] | None = None
         self._stamp: tuple | None = None
         self._fast: nn.Module | None = None  # end points under the onnxruntime engine
@@ -257,7 +297,7 @@ class InferenceGraph:
         if self.chosen and self.engine == "onnxruntime" and not cpu_float32:
             return self._fast_graph()
         if self._built is None:
-            self._built = _build(self.net, self.engine)
+            self._built = _build(self.net, self.engine, self.dtype)
         return self._built
 
     def run_nhwc(self, images: np.ndarray, pre_logits: bool,
@@ -317,7 +357,9 @@ class InferenceGraph:
             # no_grad rather than inference_mode: inference tensors could not be saved for
             # backward by a trainable head on top of the features, a common use.
             with torch.no_grad():
-                return engine(x, end_points, pre_logits)
+                if self.dtype == torch.float32:
+                    return engine(x, end_points, pre_logits)
+                return self._rounded(engine, x, end_points, pre_logits)
         # ONNX Runtime records no graph: no no_grad (50 us after a call)
         out = self._onnxruntime(engine, x.numpy(force=True).transpose(0, 2, 3, 1), pre_logits,
                                 unit_range)
@@ -326,6 +368,16 @@ class InferenceGraph:
         with torch.no_grad():  # it failed, and "auto" had picked it: the fast graph runs
             return self._built(to_network_range_tensor(x) if unit_range else x, None,
                                pre_logits)
+
+
+    def _rounded(self, engine: Callable[..., torch.Tensor], x: torch.Tensor,
+                 end_points: dict[str, torch.Tensor] | None, pre_logits: bool) -> torch.Tensor:
+        """The engine run in ``self.dtype``, answering in ``x``'s dtype."""
+        maps: dict[str, torch.Tensor] | None = None if end_points is None else {}
+        out = engine(x.to(self.dtype), maps, pre_logits).to(x.dtype)
+        if maps:
+            end_points.update({name: value.to(x.dtype) for name, value in maps.items()})
+        return out
 
 
 def optimize(net: nn.Module, engine: str = "fast") -> nn.Module:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from imvec.errors import InputError
-from imvec.inference import InferenceGraph, check_engine
+from imvec.inference import InferenceGraph, check_engine, check_precision
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
 from imvec.nets.ops import BatchNorm
 from imvec.network_range import (
@@ -74,6 +74,7 @@ class Module(nn.Module):
         hparams: dict[str, Any] | None = None,
         class_names: list[str] | None = None,
         engine: str | None = None,
+        precision: str | None = None,
     ) -> None:
         super().__init__()
         tags = set(tags or ())
@@ -95,9 +96,10 @@ class Module(nn.Module):
         self.train("train" in self.tags)
         self._output_shapes: dict[str, tuple[int | None, ...]] | None = None
         # inference engine (imvec.inference): a separate graph built from self.net on use
-        resolved = check_engine(engine, trainable, card.network)
+        precision = check_precision(precision)
+        resolved = check_engine(engine, trainable, card.network, precision)
         self._inference = None if resolved == "faithful" else InferenceGraph(
-            net, resolved, chosen=engine in (None, "auto"))
+            net, resolved, chosen=engine in (None, "auto"), precision=precision)
         if class_names is not None and len(class_names) != card.num_classes:
             raise ValueError(f"{len(class_names)} class names for {card.num_classes} classes")
         self._class_names = list(class_names) if class_names is not None else None
@@ -106,6 +108,12 @@ class Module(nn.Module):
     def engine(self) -> str:
         """How this module runs: "faithful", or its inference engine (imvec.inference)."""
         return "faithful" if self._inference is None else self._inference.engine
+
+    @property
+    def precision(self) -> str:
+        """The dtype the module computes in: "float32", or "bfloat16" for an inference
+        engine loaded with ``precision="bfloat16"``. Images and outputs are float32."""
+        return "float32" if self._inference is None else self._inference.precision
 
     # -- modes -------------------------------------------------------------------------
     def _apply(self, fn: Any, recurse: bool = True) -> Module:

@@ -63,3 +63,24 @@ def test_targets_and_report(bench):
     bench.analyse(slower, 100.0)
     assert not slower["networks"]["nasnet_mobile"]["targets"]["vs_keras"]["met"]
     assert "**not met**" in bench.markdown(slower, "x.json", "x.png")
+
+
+def test_bfloat16_contestants_are_compared_apart(bench):
+    data = results([0.125, 0.125, 0.125], [0.25, 0.25, 0.25])  # imvec fp32 2x keras fp32
+    runs = data["networks"]["nasnet_mobile"]["results"]
+    runs["keras-bf16"] = {"batches": {"16": stats([0.1, 0.1, 0.1])}, "memory": {}}
+    runs["imvec-bf16"] = {"batches": {"16": stats([0.05, 0.05, 0.05])}, "memory": {}}
+    bench.analyse(data, 100.0, peak_bf16=200.0)
+    entry = data["networks"]["nasnet_mobile"]
+    # keras-bf16 is faster than imvec's float32 default, but it is not a float32 peer
+    assert entry["targets"]["ahead_of_best_peer"]["peer"] == "keras"
+    assert entry["targets"]["ahead_of_best_peer"]["ratio"] == pytest.approx(2.0)
+    bf16 = entry["bf16"]
+    assert bf16["best_bf16_peer"] == "keras-bf16"
+    assert bf16["ratios"]["keras-bf16"]["ratio"] == pytest.approx(2.0)
+    assert bf16["ratios"]["imvec"]["ratio"] == pytest.approx(2.5)
+    assert bf16["ratios"]["keras"]["ratio"] == pytest.approx(5.0)
+    # against its own peak: 320 img/s x 1 GFLOP over 200 GFLOP/s
+    assert runs["imvec-bf16"]["batches"]["16"]["peak_fraction"] == pytest.approx(1.6)
+    text = bench.markdown(data, "x.json", "x.png")
+    assert "| nasnet_mobile | 16 | 320.00 | 160 | 2.00× [2.00–2.00] (keras-bf16) | 2.50×" in text

@@ -84,3 +84,17 @@ def test_new_commands_document_every_option():
         assert command.description, name
         for action in command._actions:
             assert action.help, f"{name} {action.dest}"
+
+
+def test_extract_precision_option_reaches_the_output(setup, tmp_path, capsys):
+    from imvec.extract import read_metadata
+
+    folder, weights = setup
+    out = tmp_path / "f.parquet"
+    assert main(["extract", str(folder), "-m", str(weights), "-o", str(out), "--size", "32",
+                 "--precision", "bf16", "--quiet"]) == 0
+    assert read_metadata(out)["model"]["precision"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["extract", str(folder), "-m", "x", "-o", "y",
+                                   "--precision", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err

@@ -245,3 +245,24 @@ def test_read_features_is_at_the_top_level():
     assert "read_features" in imvec.__all__
     with pytest.raises(AttributeError, match="no attribute 'read_featurez'"):
         imvec.read_featurez  # noqa: B018
+
+
+def test_bfloat16_extraction_is_recorded_and_close_to_float32(kinds, weights, tmp_path):
+    exact = run(job(kinds, weights, tmp_path / "fp32.parquet", size=SIZE)).output
+    rounded = run(job(kinds, weights, tmp_path / "bf16.parquet", size=SIZE,
+                      precision="bfloat16")).output
+    assert read_metadata(exact)["model"]["precision"] == "float32"
+    assert read_metadata(rounded)["model"]["precision"] == "bfloat16"
+    ids, reference = read_features(exact)
+    ids_bf16, features = read_features(rounded)
+    assert ids_bf16 == ids and features.dtype == np.float32
+    error = float(np.abs(features - reference).max() / np.abs(reference).max())
+    assert 1e-4 < error < 0.02, error  # rounded for real, and only by bfloat16's rounding
+
+
+def test_a_module_passed_in_keeps_its_precision(kinds, weights, module, tmp_path):
+    with pytest.raises(ValueError, match="runs in float32, not bfloat16.*precision='bfloat16'"):
+        run(job(kinds, module, tmp_path / "f.parquet", size=SIZE, precision="bfloat16"))
+    rounded = imvec.load(weights, precision="bf16")
+    out = run(job(kinds, rounded, tmp_path / "g.parquet", size=SIZE, precision="bf16")).output
+    assert read_metadata(out)["model"]["precision"] == "bfloat16"

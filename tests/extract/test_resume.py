@@ -166,6 +166,8 @@ def test_different_model_or_preprocessing_refuses_to_append(tmp_path, module, mo
     with pytest.raises(ResumeError, match=r"unfinished work made differently: model hparams "
                                           r"was .*weights_sha256 was .*--overwrite"):
         run(job(folder, other, out))
+    with pytest.raises(ResumeError, match=r"model precision was 'float32', now 'bfloat16'"):
+        run(job(folder, module.source, out, precision="bfloat16"))
     with pytest.raises(ResumeError, match=r"preprocessing crop was None, now 0.875.*"
                                           r"preprocessing size was \[32, 32\], now \[48, 48\]"):
         run(job(folder, module, out, crop=0.875, size=48))
@@ -292,3 +294,15 @@ def test_a_second_process_on_the_same_output_is_refused(tmp_path, module):
         holder.wait()
     assert run(job(folder, module, out)).ok == 2  # the lock died with its holder
     assert FileLock  # imported to show what holds the lock
+
+
+def test_records_from_before_precision_was_recorded_read_as_float32():
+    from imvec.extract.provenance import differences
+
+    model = {"handle": "h", "weights_sha256": "s"}
+    new = {"model": {**model, "precision": "float32"}, "preprocessing": {},
+           "output_format": "parquet", "format": "imvec-features/1"}
+    assert differences({**new, "model": model}, new) == []
+    rounded = {**new, "model": {**model, "precision": "bfloat16"}}
+    assert differences({**new, "model": model}, rounded) == [
+        "model precision was 'float32', now 'bfloat16'"]

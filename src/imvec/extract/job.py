@@ -38,6 +38,8 @@ class ExtractJob:
     ``format`` is None). ``size``: input size for variable-size modules (default: the card's).
     ``crop``: central fraction kept before resizing (``0.875`` = Inception style).
     ``commit_every``: images per committed part; a crash loses at most that much work.
+    ``precision``: "bfloat16" runs the model in bfloat16 (see :mod:`imvec.inference`); its
+    vectors are recorded as such, and a resumed run must use the same precision.
     """
 
     inputs: tuple[str, ...]
@@ -57,6 +59,7 @@ class ExtractJob:
     overwrite: bool = False
     progress: bool = True
     commit_every: int = 1024
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, str | os.PathLike):

@@ -15,7 +15,7 @@ from typing import Any
 import imvec
 from imvec.data.preprocess import Preprocessing
 from imvec.errors import InputError
-from imvec.inference import ENV_ENGINE
+from imvec.inference import ENV_ENGINE, check_precision
 from imvec.module import Module
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
 
@@ -24,17 +24,24 @@ __all__ = ["FEATURES_FORMAT", "describe", "differences", "load_module", "preproc
 
 FEATURES_FORMAT = "imvec-features/1"
 # Keys whose change makes old and new vectors incomparable (the model's file path may move).
-_COMPARED = ("handle", "network", "hparams", "variant", "num_features", "weights_sha256")
+_COMPARED = ("handle", "network", "hparams", "variant", "num_features", "weights_sha256",
+             "precision")
 
 
-def load_module(model: Any) -> Module:
+def load_module(model: Any, precision: str | None = None) -> Module:
     """A module loaded by name or path runs the eager ``fast`` engine: on a CPU shared with
     the decoding workers, ONNX Runtime's thread pool gained nothing end to end (NASNet-mobile
     72 vs 72 img/s, MobileNet 381 vs 372 on 2 cores, benchmarks/bench_extract.py) and cost
-    an export on first use. A Module passed in keeps its engine; so does $IMVEC_ENGINE."""
+    an export on first use. A Module passed in keeps its engine and precision; so does
+    $IMVEC_ENGINE."""
     if isinstance(model, Module):
+        if precision is not None and check_precision(precision) != model.precision:
+            raise ValueError(f"the module passed runs in {model.precision}, not {precision}; "
+                             f"load it with imvec.load(..., precision={precision!r}) or leave "
+                             "precision unset")
         return model
-    return imvec.load(model, engine=None if os.environ.get(ENV_ENGINE) else "fast")
+    return imvec.load(model, engine=None if os.environ.get(ENV_ENGINE) else "fast",
+                      precision=precision)
 
 
 def weights_sha256(module: Module) -> str:
@@ -83,6 +90,7 @@ def describe(module: Module, preprocessing: Preprocessing, output_format: str) -
             "num_features": int(module.num_features) if card.variant == "feature_vector"
             else int(card.num_classes or 0),
             "weights_sha256": weights_sha256(module),
+            "precision": module.precision,
         },
         "preprocessing": preprocessing.describe(),
         "imvec_version": imvec.__version__,
@@ -93,7 +101,9 @@ def differences(old: dict, new: dict) -> list[str]:
     """Human-readable reasons why vectors made under ``old`` cannot join those of ``new``."""
     reasons = []
     for key in _COMPARED:
-        a, b = old.get("model", {}).get(key), new["model"].get(key)
+        # records written before precision was recorded were float32
+        a = old.get("model", {}).get(key, "float32" if key == "precision" else None)
+        b = new["model"].get(key)
         if a != b:
             reasons.append(f"model {key} was {a!r}, now {b!r}")
     old_pre, new_pre = old.get("preprocessing", {}), new["preprocessing"]

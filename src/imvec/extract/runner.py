@@ -46,7 +46,7 @@ def run(job: ExtractJob) -> ExtractResult:
     then stays in the work folder for the next run.
     """
     start = time.perf_counter()
-    module = load_module(job.model)
+    module = load_module(job.model, job.precision)
     device = _device(job)
     preprocessing = preprocessing_for(module, job.size, job.crop, job.max_pixels)
     record = describe(module, preprocessing, job.format)
