@@ -203,3 +203,20 @@ def test_eval_of_training_graph_uses_moving_statistics(small_nasnet, tf_inputs):
     module = small_nasnet(trainable=True, tags={"train"}).eval()
     with torch.no_grad():
         assert_close("eval features", module(tf_inputs).numpy(), expected["features"])
+
+
+@pytest.mark.parametrize("options", [{}, {"trainable": True}, {"precision": "bfloat16"}])
+def test_modules_pickle_and_torch_save(small_nasnet, tf_inputs, options, tmp_path):
+    import pickle
+
+    expected = np.load(FIXTURES / "nasnet_mobile_small" / "expected.npz")
+    module = small_nasnet(**options).eval()
+    tolerance = 0.01 if options.get("precision") else 1e-5
+    path = tmp_path / "module.pt"
+    torch.save(module, path)
+    for twin in (pickle.loads(pickle.dumps(module)), torch.load(path, weights_only=False)):
+        assert twin.card == module.card and dict(twin.card.hparams) == dict(module.card.hparams)
+        assert (twin.engine, twin.precision, twin.trainable) == (
+            module.engine, module.precision, module.trainable)
+        with torch.no_grad():
+            assert_close("features", twin(tf_inputs).numpy(), expected["features"], tolerance)

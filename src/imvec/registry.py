@@ -10,7 +10,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -74,6 +74,13 @@ class Card:
     def __deepcopy__(self, memo: dict) -> Card:
         return self  # immutable: copies of a module share their card
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Plain pickle cannot write the read-only mappings; they travel as dicts (so
+        modules pickle: torch.save, multiprocessing)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _card_from_state, ({**state, "hparams": dict(self.hparams),
+                                   "stats": dict(self.stats)},)
+
     @property
     def short_name(self) -> str:
         return self.handle.split("/")[2]
@@ -90,6 +97,11 @@ class Card:
         """The plain network with the card's hyper-parameters (and ``overrides``)."""
         return build_network(self.network, num_classes=self.num_classes,
                              **{**self.hparams, **overrides})
+
+
+def _card_from_state(state: dict[str, Any]) -> Card:
+    return Card(**{**state, "hparams": MappingProxyType(state["hparams"]),
+                   "stats": MappingProxyType(state["stats"])})
 
 
 def build_network(network: str, num_classes: int | None = None, **hparams: Any) -> nn.Module:
