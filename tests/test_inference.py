@@ -159,6 +159,10 @@ def test_engine_follows_weight_changes(converted):
     edited = {name: t.clone() for name, t in reference.state_dict().items()}  # gamma x 3
     module.load_state_dict(edited, assign=True)  # new tensors in the net, none written
     assert_close("after assign=True", module(images).numpy(), reference(images).numpy())
+    for m in (module, reference):  # .data bypasses the version counters: rebuild by hand
+        m.variable_map["cell_1/beginning_bn/gamma"].data.mul_(0.5)
+    module.rebuild_engine()
+    assert_close("after rebuild_engine", module(images).numpy(), reference(images).numpy())
 
 
 def test_engine_choice_and_errors(converted, monkeypatch):

@@ -42,7 +42,9 @@ ONNX Runtime has no bfloat16 CPU kernels, so "auto" picks "fast".
 
 The faithful network is never changed: ``variable_map``, ``state_dict`` and fine-tuning see
 the original, unfolded variables. A built engine is dropped (and rebuilt on the next call)
-when the faithful weights change, e.g. after ``load_state_dict`` or ``.to()``.
+when the faithful weights change, e.g. after ``load_state_dict``, ``.to()`` or an in-place
+op; writes that bypass autograd's version counters (``parameter.data.mul_(...)``, numpy
+views of the weights) need ``module.rebuild_engine()``.
 """
 
 from __future__ import annotations

@@ -115,6 +115,14 @@ class Module(nn.Module):
         engine loaded with ``precision="bfloat16"``. Images and outputs are float32."""
         return "float32" if self._inference is None else self._inference.precision
 
+    def rebuild_engine(self) -> None:
+        """Drop the built inference engine: the next call builds it from the current
+        weights. Only writes that autograd's version counters miss need this (through
+        ``parameter.data``, or into a numpy view of a weight); in-place torch ops,
+        ``load_state_dict`` and ``.to()`` are noticed on their own."""
+        if self._inference is not None:
+            self._inference.reset()
+
     # -- modes -------------------------------------------------------------------------
     def _apply(self, fn: Any, recurse: bool = True) -> Module:
         if getattr(self, "_inference", None) is not None:  # .to()/.half(): rebuild on use
