@@ -206,3 +206,39 @@ def test_nhwc_stem_is_the_first_convolution(size, unit_range, padding):
         got = _NhwcStem(conv, unit_range)(images.permute(0, 3, 1, 2), "relu6")
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_cache_keeps_the_recently_used_exports_under_its_limit(converted, tmp_path,
+                                                                     monkeypatch):
+    import os
+
+    from imvec.export import prune_onnx_cache
+
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    for age, name in enumerate(["newest", "middle", "oldest"]):  # 1 MiB each
+        path = folder / f"{name}.onnx"
+        path.write_bytes(b"\0" * 2**20)
+        os.utime(path, (1e9 - age * 100, 1e9 - age * 100))
+    (folder / "notes.txt").write_text("not an export")
+    deleted = prune_onnx_cache(folder, keep=folder / "oldest.onnx", limit_gb=2.5 / 1024)
+    assert [p.name for p in deleted] == ["middle.onnx"]  # the oldest is the one kept
+    assert sorted(p.name for p in folder.iterdir()) == ["newest.onnx", "notes.txt",
+                                                        "oldest.onnx"]
+    monkeypatch.setenv("IMVEC_ONNX_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match=r"\$IMVEC_ONNX_CACHE_GB must be a number of GB"):
+        prune_onnx_cache(folder)
+    # in use: a cache hit marks the export recently used; a new export prunes the rest
+    monkeypatch.setenv("IMVEC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMVEC_ONNX_CACHE_GB", "0")
+    images, expected = tf_case("mobilenet_v1_025_128")
+    imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")(images)
+    (first,) = (tmp_path / "home" / "onnx").glob("*.onnx")
+    os.utime(first, (1e9, 1e9))
+    again = imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")
+    assert_close("cache hit", again(images).numpy(), expected["features"])
+    assert first.stat().st_mtime > 1e9 + 1000
+    imvec.load(converted("nasnet_mobile_small"), engine="onnxruntime")(
+        np.load(FIXTURES / "nasnet_mobile_small" / "inputs.npy"))
+    assert first not in (tmp_path / "home" / "onnx").glob("*.onnx")  # pruned, over 0 GB
+    assert len(list((tmp_path / "home" / "onnx").glob("*.onnx"))) == 1

@@ -10,6 +10,7 @@ height and width where the card allows other sizes (MobileNet V1).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -224,7 +225,37 @@ def _align_for_this_cpu(path: Path) -> None:
 
 
 ONNX_CACHE_MAX_BYTES = 1 << 30  # larger exports carry external data files: not cached
+ENV_ONNX_CACHE_GB = "IMVEC_ONNX_CACHE_GB"
+DEFAULT_ONNX_CACHE_GB = 4.0  # each network, size and weights version is one 4-360 MB file
 _GRAPH_FORM = "nhwc-stem"  # in the cache key: a change of the exported graph re-exports
+
+
+def prune_onnx_cache(folder: Path, keep: Path | None = None,
+                     limit_gb: float | None = None) -> list[Path]:
+    """Delete the least recently used exports until the folder holds at most ``limit_gb``
+    (default ``$IMVEC_ONNX_CACHE_GB``, else 4); ``keep`` stays. Returns what was deleted.
+    Exports are rebuilt on demand (seconds), so nothing of value is lost."""
+    if limit_gb is None:
+        try:
+            limit_gb = float(os.environ.get(ENV_ONNX_CACHE_GB, DEFAULT_ONNX_CACHE_GB))
+        except ValueError as exc:
+            raise ValueError(f"${ENV_ONNX_CACHE_GB} must be a number of GB, e.g. 4; got "
+                             f"{os.environ[ENV_ONNX_CACHE_GB]!r}") from exc
+    entries = []
+    for path in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):  # another process may be pruning too
+            stat = path.stat()
+            entries.append((stat.st_mtime, stat.st_size, path))
+    total, deleted = sum(size for _, size, _ in entries), []
+    for _, size, path in sorted(entries):
+        if total <= limit_gb * 2**30:
+            break
+        if path != keep:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                deleted.append(path)
+                total -= size
+    return deleted
 
 
 def _cache_path(net: nn.Module, pre_logits: bool, size: tuple[int, int],
@@ -288,6 +319,8 @@ class OnnxRuntimeNet:
             if cached is not None and cached.is_file():
                 try:
                     self._sessions[key] = onnxruntime_session(cached, self.threads)
+                    with contextlib.suppress(OSError):
+                        os.utime(cached)  # recently used: pruned last
                     return self._sessions[key]
                 except Exception:  # noqa: BLE001 (a damaged cache entry: export again)
                     cached.unlink(missing_ok=True)
@@ -308,6 +341,7 @@ class OnnxRuntimeNet:
                         partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
                         shutil.copyfile(path, partial)
                         os.replace(partial, cached)
+                        prune_onnx_cache(cached.parent, keep=cached)
                     except OSError:  # a read-only or full cache only costs the next export
                         pass
         return self._sessions[key]
