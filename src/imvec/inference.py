@@ -371,7 +371,6 @@ class InferenceGraph:
             return self._built(to_network_range_tensor(x) if unit_range else x, None,
                                pre_logits)
 
-
     def _rounded(self, engine: Callable[..., torch.Tensor], x: torch.Tensor,
                  end_points: dict[str, torch.Tensor] | None, pre_logits: bool) -> torch.Tensor:
         """The engine run in ``self.dtype``, answering in ``x``'s dtype."""
