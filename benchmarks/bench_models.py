@@ -1,6 +1,6 @@
 """imvec against Keras/TensorFlow, timm and ONNX Runtime on this machine, in one run.
 
-    python benchmarks/bench_models.py                      # everything (~20 min on 2 cores)
+    python benchmarks/bench_models.py                      # everything (~1 h on 2 cores)
     python benchmarks/bench_models.py --quick --networks nasnet_mobile,mobilenet_v1_050_160
 
 Each contestant runs in its own process and its own virtual environment (imvec in the

@@ -35,8 +35,9 @@ TensorFlow's outputs to float32 rounding. ``"bfloat16"`` runs the fast graph (or
 compiled one) with bfloat16 weights and activations, for throughput where a rounding error
 of ~0.4% in the features is acceptable (retrieval, clustering; on the TF fixtures 0.30-0.41%
 of the largest feature, cosine to TF's vectors >= 0.99999). On a CPU with AVX512-BF16 or AMX
-it ran 1.6-2.4x the float32 fast graph at batch 16 (2 cores of an AMD EPYC; see
-benchmarks/bench_models.py); without them it is emulated and slow. Images and features stay
+it ran 1.2-2.3x the float32 fast graph at batch 16 (1.8-1.9x on the 331px networks; 2
+cores of an AMD EPYC, benchmarks/bench_models.py); CPUs without them were not measured. At
+batch 1 the small networks run faster in float32 under ONNX Runtime. Images and features stay
 float32 at the module's boundary; BN is folded in float32 before the weights are rounded.
 ONNX Runtime has no bfloat16 CPU kernels, so "auto" picks "fast".
 
