@@ -228,6 +228,15 @@ def test_onnx_cache_keeps_the_recently_used_exports_under_its_limit(converted, t
     monkeypatch.setenv("IMVEC_ONNX_CACHE_GB", "lots")
     with pytest.raises(ValueError, match=r"\$IMVEC_ONNX_CACHE_GB must be a number of GB"):
         prune_onnx_cache(folder)
+    # in an export, a bad limit warns and costs nothing: the session runs, the file is kept
+    monkeypatch.setenv("IMVEC_HOME", str(tmp_path / "bad-limit"))
+    images, expected = tf_case("mobilenet_v1_025_128")
+    module = imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")
+    with pytest.warns(RuntimeWarning, match="IMVEC_ONNX_CACHE_GB must be a number.*not pruned"):
+        features = module(images)
+    assert module.engine == "onnxruntime"
+    assert_close("bad limit", features.numpy(), expected["features"])
+    assert list((tmp_path / "bad-limit" / "onnx").glob("*.onnx"))
     # in use: a cache hit marks the export recently used; a new export prunes the rest
     monkeypatch.setenv("IMVEC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("IMVEC_ONNX_CACHE_GB", "0")

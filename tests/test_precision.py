@@ -101,6 +101,11 @@ def test_auto_picks_fast_for_bfloat16_even_under_an_onnxruntime_override(monkeyp
     assert check_engine("auto", False, "nasnet_mobile", "bfloat16") == "fast"
     monkeypatch.setenv("IMVEC_ENGINE", "compile")
     assert check_engine("auto", False, "nasnet_mobile", "bfloat16") == "compile"
+    monkeypatch.setenv("IMVEC_ENGINE", "turbo")  # still checked under bfloat16
+    with pytest.raises(ValueError, match=r"\$IMVEC_ENGINE='turbo'"):
+        check_engine("auto", False, "nasnet_mobile", "bfloat16")
+    monkeypatch.delenv("IMVEC_ENGINE")
+    assert check_engine("auto", False, "nasnet_mobile", "bfloat16") == "fast"
 
 
 def test_load_rejects_bfloat16_for_training():

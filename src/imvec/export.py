@@ -344,6 +344,9 @@ class OnnxRuntimeNet:
                         prune_onnx_cache(cached.parent, keep=cached)
                     except OSError:  # a read-only or full cache only costs the next export
                         pass
+                    except ValueError as exc:  # a bad limit must not cost the export
+                        warnings.warn(f"{exc}; the ONNX cache was not pruned", RuntimeWarning,
+                                      stacklevel=2)
         return self._sessions[key]
 
     def __call__(self, x: torch.Tensor, end_points: dict | None = None,

@@ -157,8 +157,6 @@ def check_engine(engine: str | None, trainable: bool, network: str | None = None
         if engine in ("onnxruntime", "faithful"):
             raise ValueError(f"engine={engine!r} runs float32 only; precision={precision!r} "
                              "needs engine='fast' or 'compile' (or 'auto')")
-        if engine == "auto" and os.environ.get(ENV_ENGINE) not in ("fast", "compile"):
-            return "fast"
     if trainable and engine not in ("auto", "faithful"):
         raise ValueError(f"engine={engine!r} is an inference engine, built from a snapshot of "
                          "the weights; a trainable module runs the faithful graph. Load with "
@@ -171,9 +169,11 @@ def check_engine(engine: str | None, trainable: bool, network: str | None = None
     if chosen:
         if chosen not in ENGINES[1:]:
             raise ValueError(f"${ENV_ENGINE}={chosen!r}; choose one of {', '.join(ENGINES[1:])}")
-        return chosen
-    return ("onnxruntime" if network not in FAST_FIRST and onnxruntime_available()
-            else "fast")
+    else:
+        chosen = ("onnxruntime" if network not in FAST_FIRST and onnxruntime_available()
+                  else "fast")
+    # only the torch graphs run bfloat16 (ONNX Runtime has no CPU kernels for it)
+    return chosen if precision == "float32" or chosen in ("fast", "compile") else "fast"
 
 
 def _build(net: nn.Module, engine: str,
@@ -185,8 +185,12 @@ def _build(net: nn.Module, engine: str,
         return OnnxRuntimeNet(net)
     if engine == "compile":
         return _compiled(net, dtype)
-    fast = fast_network(net)
-    return fast if dtype == torch.float32 else fast.to(dtype)
+    return _in_precision(fast_network(net), dtype)
+
+
+def _in_precision(graph: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``graph`` in ``dtype``; float32 leaves it as built (a ``.double()`` net stays so)."""
+    return graph if dtype == torch.float32 else graph.to(dtype)
 
 
 def _compiled(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -196,8 +200,7 @@ def _compiled(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     Freezing turns the weights into constants, so Inductor packs them for oneDNN once and
     fuses the relus and adds into the convolutions (another 1.2x on NASNet-mobile); the
     engine is rebuilt when the weights change (InferenceGraph), so constants do no harm."""
-    fast = fast_network(net, portable=True)
-    graph = torch.compile(fast if dtype == torch.float32 else fast.to(dtype), dynamic=False,
+    graph = torch.compile(_in_precision(fast_network(net, portable=True), dtype), dynamic=False,
                           options={"freezing": True})
     return PaddedBatches(graph)
 
