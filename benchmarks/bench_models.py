@@ -186,7 +186,7 @@ class Contestant:
 
 def default_engine(network: str) -> str:
     """The engine the "imvec" contestant (``engine="auto"``) runs for ``network``."""
-    from imvec.inference import check_engine
+    from imvec.engines.graph import check_engine
     from imvec.registry import find_card
 
     return check_engine("auto", False, find_card(network).network)
@@ -415,7 +415,7 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
         "`imvec.load(...)` (trainable=False) runs an inference graph built from the faithful "
         "network (batch norm folded into the convolutions, relu and the combination adds "
         "fused), run by the engine `engine=\"auto\"` picks for the network (see "
-        "`imvec.inference`). **imvec** below is that default, with its engine in brackets; "
+        "`imvec.engines`). **imvec** below is that default, with its engine in brackets; "
         "`imvec-<engine>` are the others. "
         "Training, `variable_map` and fine-tuning keep the faithful graph.",
         "",
@@ -527,7 +527,7 @@ HOW = """
 Profiled with torch.profiler on NASNet-large at batch 16, the faithful graph spends 69% in
 convolutions (75% of that in 1x1s, run in NCHW with a layout reorder per call), 10% in
 relu, 5% in batch norm, 5% in average pooling, 4% in concatenation. The fast graph
-(`imvec.nets.fast`) changes, in order of effect:
+(`imvec.engines.fast`) changes, in order of effect:
 
 - **channels_last**: oneDNN's 1x1 convolutions run about twice as fast on NHWC as on
   NCHW (where each call reorders the layout), reaching 200+ GFLOP/s on 2 cores, above
@@ -537,7 +537,7 @@ relu, 5% in batch norm, 5% in average pooling, 4% in concatenation. The fast gra
   through relu, and the **combination add fused** into the last convolution of one side
   (oneDNN post-ops). Each hidden state's relu is computed once, and a cell hands the next
   cells its output already relu'd (all of them relu it first).
-- **glibc malloc tuning** (`imvec.inference.tune_allocator`, on with the fast engine;
+- **glibc malloc tuning** (`imvec._system.tune_allocator`, on with the fast engine;
   `IMVEC_MALLOC_TUNING=0` turns it off): blocks over 32 MB are otherwise mmapped fresh
   and page-faulted on every call; that made a 114 MB concatenation 9x slower than the
   copy itself.
@@ -584,7 +584,8 @@ channels per block with AVX-512, 8 with AVX2), but only where a tensor's channel
 multiple of the block: NASNet-mobile's 44 and 88 filters (and the stems' 11 and 22) are
 not, so it ran its adds, relus and concatenations in NCHW between 93 layout reorders per
 call. imvec pads every convolution's output channels to the block with zero weights
-(`imvec.nchwc`; the consumers read the real channels where they lie, and the outputs are
+(`imvec.engines.onnx.nchwc`; the consumers read the real channels where they lie, and the
+outputs are
 gathered back in order): NASNet-mobile's bare graph at batch 16 went from 161-167 ms to
 130-135 ms (1.24x), PNASNet-large ~2.5% faster, NASNet-large (168 -> 176 filters) level;
 MobileNet has only aligned channels. The same network with 48 filters instead of 44 had

@@ -91,8 +91,8 @@ def test_onnxruntime_engine_matches_tf(converted):
 
 
 def test_onnxruntime_exports_are_cached_by_weights(converted, monkeypatch):
-    import imvec.export as export_module
-    from imvec.weights.store import home
+    import imvec.engines.onnx.runtime as runtime
+    from imvec._paths import home
 
     images, expected = tf_case("mobilenet_v1_025_128")
     first = imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")
@@ -103,7 +103,7 @@ def test_onnxruntime_exports_are_cached_by_weights(converted, monkeypatch):
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(export_module, "_export_onnx", no_export)
+    monkeypatch.setattr(runtime, "export_onnx", no_export)
     again = imvec.load(converted("mobilenet_v1_025_128"), engine="onnxruntime")
     assert_close("from the cache", again(images).numpy(), expected["features"])
     with torch.no_grad():  # other weights: another entry, so an export
@@ -118,7 +118,7 @@ def test_onnxruntime_exports_are_cached_by_weights(converted, monkeypatch):
 
 
 def test_auto_engine_falls_back_to_the_fast_graph(converted, monkeypatch):
-    import imvec.export as export_module
+    import imvec.engines.onnx.runtime as runtime
 
     images, expected = tf_case("nasnet_mobile_small")
     monkeypatch.setenv("IMVEC_HOME", str(FIXTURES.parent / "no-such-cache-dir-used"))
@@ -126,8 +126,8 @@ def test_auto_engine_falls_back_to_the_fast_graph(converted, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("exporter broke")
 
-    monkeypatch.setattr(export_module, "_export_onnx", broken)
-    monkeypatch.setattr(export_module, "_cache_path", lambda *a: None)
+    monkeypatch.setattr(runtime, "export_onnx", broken)
+    monkeypatch.setattr(runtime, "cache_path", lambda *a: None)
     module = imvec.load(converted("nasnet_mobile_small"))
     assert module.engine == "onnxruntime"
     with pytest.warns(RuntimeWarning, match="exporter broke.*'fast' engine instead"):
@@ -171,7 +171,7 @@ def test_onnx_graphs_read_nhwc_images_in_place(name, unit_reader, converted, exp
     range (none where the first convolution reads no padding: NASNet's 'VALID' stem)."""
     import onnx
 
-    from imvec.export import _cache_path
+    from imvec.engines.onnx.cache import cache_path as _cache_path
 
     module = imvec.load(converted(name), engine="onnxruntime")
     images, _ = tf_case(name)
@@ -193,8 +193,8 @@ def test_onnx_graphs_read_nhwc_images_in_place(name, unit_reader, converted, exp
 @pytest.mark.parametrize("unit_range", [True, False])
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 def test_nhwc_stem_is_the_first_convolution(size, unit_range, padding):
-    from imvec.export import _NhwcStem
-    from imvec.nets.fusion import FusedConv, portable_ops
+    from imvec.engines.fusion import FusedConv, portable_ops
+    from imvec.engines.onnx.graphs import _NhwcStem
     from imvec.nets.ops import Conv2d
 
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def test_onnx_cache_keeps_the_recently_used_exports_under_its_limit(converted, t
                                                                      monkeypatch):
     import os
 
-    from imvec.export import prune_onnx_cache
+    from imvec.engines.onnx.cache import prune_onnx_cache
 
     folder = tmp_path / "onnx"
     folder.mkdir()

@@ -10,9 +10,10 @@ import torch
 from conftest import FIXTURES, TF_FIXTURES, assert_close
 
 import imvec
-from imvec.inference import InferenceGraph, onnxruntime_available, optimize, tune_allocator
-from imvec.nets import fusion
-from imvec.nets.fast import FastMobileNetV1, FastNASNetwork, fast_network
+from imvec._system import tune_allocator
+from imvec.engines import fusion
+from imvec.engines.fast import FastMobileNetV1, FastNASNetwork, fast_network
+from imvec.engines.graph import InferenceGraph, onnxruntime_available, optimize
 from imvec.nets.ops import BatchNorm
 
 # How the convolutions run: as PyTorch picks by size, all through oneDNN's fused op, or

@@ -5,7 +5,7 @@ import pytest
 from conftest import FIXTURES, assert_close
 
 from imvec.cli import main
-from imvec.nchwc import align_channels, nchwc_block
+from imvec.engines.onnx.nchwc import align_channels, nchwc_block
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

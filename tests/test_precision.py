@@ -7,7 +7,7 @@ import torch
 from conftest import FIXTURES, TF_FIXTURES, relative_error
 
 import imvec
-from imvec.inference import check_engine, check_precision
+from imvec.engines.graph import check_engine, check_precision
 
 # bfloat16 keeps 8 bits of mantissa (relative rounding 2**-9 ~ 0.2% per value); on the TF
 # fixtures the features drift by 0.30-0.41% of their largest value, cosine >= 0.99999.

@@ -1,5 +1,6 @@
 """imvec: the classic TF-Hub ImageNet feature-vector networks as faithful PyTorch modules."""
 
+from imvec._version import __version__
 from imvec.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -12,9 +13,8 @@ from imvec.loader import create_model, load
 from imvec.module import Module, TensorInfo, get_expected_image_size
 from imvec.registry import Card, list_models
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "Card",
     "CheckpointError",
     "CheckpointMismatchError",

@@ -48,12 +48,12 @@ def load(
     classifier written by ``imvec finetune``, which opens with its logits and class names.
     ``pretrained=False`` builds the network with random weights, offline.
 
-    ``engine`` picks how a ``trainable=False`` module runs (see :mod:`imvec.inference`):
+    ``engine`` picks how a ``trainable=False`` module runs (see :mod:`imvec.engines`):
     "fast" (default: BN folded, fused, channels_last), "compile", "onnxruntime" or
     "faithful"; ``variable_map`` always shows the original, unfolded variables.
     ``precision="bfloat16"`` runs the fast or compiled engine in bfloat16: float32 in and
     out, ~0.4% error in the features (cosine >= 0.99999 to TF's), faster where the CPU has
-    AVX512-BF16 or AMX (:mod:`imvec.inference` has the numbers).
+    AVX512-BF16 or AMX (:mod:`imvec.engines` has the numbers).
     """
     options = dict(trainable=trainable, tags=tags, batch_norm_momentum=batch_norm_momentum,
                    engine=engine, precision=precision)

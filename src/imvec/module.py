@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from imvec.errors import InputError
-from imvec.inference import InferenceGraph, check_engine, check_precision
-from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
-from imvec.nets.ops import BatchNorm
-from imvec.network_range import (
+from imvec.engines.graph import InferenceGraph, check_engine, check_precision
+from imvec.engines.scaling import (
     in_numpy,
     surely_in_unit_range,
     to_network_range,
     to_network_range_tensor,
 )
+from imvec.errors import InputError
+from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
+from imvec.nets.ops import BatchNorm
 from imvec.registry import Card
 from imvec.weights.mapping import variable_map
 
@@ -95,7 +95,7 @@ class Module(nn.Module):
         self.requires_grad_(trainable)
         self.train("train" in self.tags)
         self._output_shapes: dict[str, tuple[int | None, ...]] | None = None
-        # inference engine (imvec.inference): a separate graph built from self.net on use
+        # inference engine (imvec.engines): a separate graph built from self.net on use
         precision = check_precision(precision)
         resolved = check_engine(engine, trainable, card.network, precision)
         self._inference = None if resolved == "faithful" else InferenceGraph(
@@ -106,7 +106,7 @@ class Module(nn.Module):
 
     @property
     def engine(self) -> str:
-        """How this module runs: "faithful", or its inference engine (imvec.inference)."""
+        """How this module runs: "faithful", or its inference engine (imvec.engines)."""
         return "faithful" if self._inference is None else self._inference.engine
 
     @property

@@ -141,7 +141,7 @@ def test_workers_give_back_a_huge_images_memory(tmp_path):
 WORKER_HEAP = """
 import numpy as np
 from imvec.extract import pool
-from imvec.inference import tune_allocator
+from imvec._system import tune_allocator
 tune_allocator(True, largest=pool.WORKER_KEEPS_BLOCKS_UP_TO)  # as a worker starts
 pool._RSS_KEPT[0] = start = pool._resident_bytes()
 blocks = [np.ones(1 << 17) for _ in range(400)]  # 400 MB in 1 MB heap blocks

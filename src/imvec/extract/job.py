@@ -38,7 +38,7 @@ class ExtractJob:
     ``format`` is None). ``size``: input size for variable-size modules (default: the card's).
     ``crop``: central fraction kept before resizing (``0.875`` = Inception style).
     ``commit_every``: images per committed part; a crash loses at most that much work.
-    ``precision``: "bfloat16" runs the model in bfloat16 (see :mod:`imvec.inference`); its
+    ``precision``: "bfloat16" runs the model in bfloat16 (see :mod:`imvec.engines`); its
     vectors are recorded as such, and a resumed run must use the same precision.
     """
 

@@ -27,8 +27,8 @@ from imvec.data.decode import ImageDecodeError
 from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item
 from imvec.extract.ring import BatchRing
-from imvec.inference import trim_allocator, tune_allocator
-from imvec.network_range import to_network_range
+from imvec._system import trim_allocator, tune_allocator
+from imvec.engines.scaling import to_network_range
 
 __all__ = ["Batch", "DecodePool", "decode_into", "default_workers"]
 

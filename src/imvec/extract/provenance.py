@@ -12,11 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import imvec
+from imvec._version import __version__
 from imvec.data.preprocess import Preprocessing
+from imvec.engines.graph import ENV_ENGINE, check_precision
 from imvec.errors import InputError
-from imvec.inference import ENV_ENGINE, check_precision
-from imvec.module import Module
+from imvec.loader import load
+from imvec.module import Module, get_expected_image_size
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
 
 __all__ = ["FEATURES_FORMAT", "describe", "differences", "load_module", "preprocessing_for",
@@ -40,7 +41,7 @@ def load_module(model: Any, precision: str | None = None) -> Module:
                              f"load it with imvec.load(..., precision={precision!r}) or leave "
                              "precision unset")
         return model
-    return imvec.load(model, engine=None if os.environ.get(ENV_ENGINE) else "fast",
+    return load(model, engine=None if os.environ.get(ENV_ENGINE) else "fast",
                       precision=precision)
 
 
@@ -63,7 +64,7 @@ def weights_sha256(module: Module) -> str:
 def preprocessing_for(module: Module, size: int | None, crop: float | None,
                       max_pixels: int | None) -> Preprocessing:
     """The module's own input size, or ``size`` for a variable-size module."""
-    expected = imvec.get_expected_image_size(module)
+    expected = get_expected_image_size(module)
     if size is not None and (size, size) != tuple(expected):
         if not module.card.variable_input_size:
             raise InputError(f"{module.card.handle} takes {expected[0]}x{expected[1]} images "
@@ -93,7 +94,7 @@ def describe(module: Module, preprocessing: Preprocessing, output_format: str) -
             "precision": module.precision,
         },
         "preprocessing": preprocessing.describe(),
-        "imvec_version": imvec.__version__,
+        "imvec_version": __version__,
     }
 
 

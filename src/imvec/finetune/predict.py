@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import imvec
 from imvec.data.decode import ImageDecodeError, open_image
 from imvec.finetune.data import EVAL_CENTRAL_FRACTION, center_crop
 from imvec.finetune.rundir import MODEL
 from imvec.labels import top_k
+from imvec.loader import load
 from imvec.module import Module
 from imvec.registry import find_card
 from imvec.weights.convert import read_metadata
@@ -51,7 +51,7 @@ def load_classifier(model: str | os.PathLike) -> tuple[Module, tuple[int, int]]:
         if not metadata.get("num_classes"):
             raise ValueError(f"{path} is a feature-vector file without logits; predict needs a "
                              "classifier (a fine-tuned run or a classification checkpoint)")
-        module = imvec.load(path, variant="classification")
+        module = load(path, variant="classification")
         size = tuple(json.loads(metadata["image_size"])) if metadata.get("image_size") else None
         return module, size or module.card.input_size
     card = find_card(str(model))
@@ -61,7 +61,7 @@ def load_classifier(model: str | os.PathLike) -> tuple[Module, tuple[int, int]]:
                              f"{card.handle.replace('/feature_vector/', '/classification/')} "
                              "or a fine-tuned run")
         card = find_card(str(model), "classification")
-    module = imvec.load(card.handle)
+    module = load(card.handle)
     return module, module.card.input_size
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import imvec
 from imvec.finetune import distributed
 from imvec.finetune.config import FinetuneConfig
 from imvec.finetune.data import LabeledImages, read_dataset, stratified_split
@@ -30,6 +29,7 @@ from imvec.finetune.model import save_classifier
 from imvec.finetune.rundir import CHECKPOINT, MODEL, open_run, record_job
 from imvec.finetune.state import atomic_write_text, get_rng_state, save_checkpoint, set_rng_state
 from imvec.finetune.tasks import FullTask, HeadTask
+from imvec.loader import load
 from imvec.module import Module
 from imvec.registry import find_card
 
@@ -67,8 +67,8 @@ def load_base(model: str, pretrained: bool = True) -> Module:
         if not path.is_file():
             raise FileNotFoundError(f"{model} holds no {MODEL} (the run has not finished)")
     if path.suffix == ".safetensors":
-        return imvec.load(path, variant="feature_vector")
-    module = imvec.load(model, pretrained=pretrained)
+        return load(path, variant="feature_vector")
+    module = load(model, pretrained=pretrained)
     if module.card.variant == "classification":  # fine-tune the trunk of a classifier
         card = find_card(module.card.handle.replace("/classification/", "/feature_vector/"))
         module = Module(module.net, card, hparams=module.hparams, source=module.source)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from imvec._paths import home
 from imvec.errors import ChecksumError, ImvecError
 
 __all__ = [
@@ -74,11 +75,6 @@ class DownloadError(ImvecError, OSError):
 
 class OfflineError(ImvecError, FileNotFoundError):
     """``IMVEC_OFFLINE=1`` and the file is not in the cache."""
-
-
-def home() -> Path:
-    """``$IMVEC_HOME`` (default ``~/.cache/imvec``)."""
-    return Path(os.environ.get(ENV_HOME) or Path.home() / ".cache" / "imvec").expanduser()
 
 
 def downloads_dir() -> Path:

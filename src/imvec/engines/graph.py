@@ -8,7 +8,7 @@ Engines (``imvec.load(..., engine=...)``):
     (``pip install 'imvec[onnx]'``), except for AmoebaNet-A; else ``"fast"``.
     ``$IMVEC_ENGINE`` overrides the choice.
 ``"fast"``
-    :func:`imvec.nets.fast.fast_network`: BN folded into the convolutions, channels_last,
+    :func:`imvec.engines.fast.fast_network`: BN folded into the convolutions, channels_last,
     relu and adds fused into oneDNN convolutions, each relu computed once. Same outputs
     as the faithful graph to ~1e-6 relative. No export step; end points; AmoebaNet-A.
 ``"compile"``
@@ -22,7 +22,7 @@ Engines (``imvec.load(..., engine=...)``):
     The fast graph exported to ONNX and run by ONNX Runtime (``pip install imvec[onnx]``).
     It has the least overhead per operation: on 2 CPU cores it ran MobileNet V1 2.2x
     (batch 1) and 1.3x (batch 16) faster than ``"fast"``, NASNet-mobile 2.6x and 1.1x
-    (before the channel padding of :mod:`imvec.nchwc` made it another 1.24x faster),
+    (before the channel padding of :mod:`imvec.engines.onnx.nchwc` made it another 1.24x faster),
     NASNet-large 1.06x and 1.04x. The export
     (seconds) happens on the first call and is cached under ``$IMVEC_HOME/onnx``. Returns
     no end points (``as_dict=True`` runs ``"fast"``); inputs not on the CPU run ``"fast"``
@@ -50,11 +50,9 @@ views of the weights) need ``module.rebuild_engine()``.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import operator
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -63,82 +61,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from imvec.nets.fast import fast_network
-from imvec.network_range import to_network_range_tensor
+from imvec._system import auto_tune_allocator
+from imvec.engines.compiled import compiled
+from imvec.engines.fast import fast_network
+from imvec.engines.precision import PRECISIONS, check_precision, in_precision
+from imvec.engines.scaling import to_network_range_tensor
 
-__all__ = ["ENGINES", "PRECISIONS", "InferenceGraph", "optimize", "tune_allocator"]
+__all__ = ["ENGINES", "ENV_ENGINE", "InferenceGraph", "check_engine", "check_precision", "optimize"]
 
 ENGINES = ("auto", "fast", "compile", "onnxruntime", "faithful")
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_PRECISION_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 ENV_ENGINE = "IMVEC_ENGINE"
 # "auto" runs ONNX Runtime on a CPU: it ran every network faster than the fast graph at
 # batch 1 and 16 (benchmarks/bench_models.py), except AmoebaNet-A, whose 1.8 GB of weights
 # the exporter cannot put in one ONNX protobuf (2 GB limit, slow external-data export).
 FAST_FIRST = frozenset({"amoebanet_a"})
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
-_ALLOCATOR_TUNED = [False]
-
-
-def tune_allocator(enable: bool = True, largest: int | None = None) -> bool:
-    """Keep freed activation memory in the process (glibc malloc) instead of returning it.
-
-    glibc serves blocks above 32 MB with a fresh ``mmap`` and unmaps them on free, so every
-    large activation (a batch-16 NASNet-large cell output is ~115 MB) is page-faulted in
-    again on the next call; that cost 5-9x the copy itself for such tensors here. With
-    mmap off and trimming raised, freed blocks are reused. The price: the process keeps
-    its peak memory. Process-wide; a no-op off glibc. ``IMVEC_MALLOC_TUNING=0`` disables
-    the automatic call made when the first fast engine is built.
-
-    ``largest``: keep only blocks up to this many bytes (at most 32 MB); larger ones are
-    mapped and unmapped as usual, so a process that rarely meets a huge array (a
-    decoding worker, a 50-megapixel photo) does not hold on to it.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    if enable and largest:
-        ok = (libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_MMAP_THRESHOLD, largest)
-              and libc.mallopt(_M_TRIM_THRESHOLD, 2 * largest))
-    elif enable:
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
-    else:  # glibc's defaults
-        ok = libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-    _ALLOCATOR_TUNED[0] = bool(ok) and enable
-    return bool(ok)
-
-
-def trim_allocator() -> bool:
-    """Hand all free heap memory back to the OS now (glibc ``malloc_trim``: also the free
-    pages inside the heap, not only at its top). A no-op off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
-def _auto_tune_allocator() -> None:
-    if not _ALLOCATOR_TUNED[0] and os.environ.get("IMVEC_MALLOC_TUNING", "1") != "0":
-        tune_allocator(True)
-
-
 def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
-
-
-def check_precision(precision: str | None) -> str:
-    """The canonical name of a precision ("float32", "bfloat16"; "fp32" and "bf16" too)."""
-    name = _PRECISION_ALIASES.get(precision or "float32", precision or "float32")
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of "
-                         f"{', '.join(PRECISIONS)}")
-    return name
 
 
 def check_engine(engine: str | None, trainable: bool, network: str | None = None,
@@ -178,56 +117,14 @@ def check_engine(engine: str | None, trainable: bool, network: str | None = None
 
 def _build(net: nn.Module, engine: str,
            dtype: torch.dtype = torch.float32) -> Callable[..., torch.Tensor]:
-    _auto_tune_allocator()  # also spares the onnxruntime engine's inputs fresh page faults
+    auto_tune_allocator()  # also spares the onnxruntime engine's inputs fresh page faults
     if engine == "onnxruntime":
-        from imvec.export import OnnxRuntimeNet
+        from imvec.engines.onnx.runtime import OnnxRuntimeNet
 
         return OnnxRuntimeNet(net)
     if engine == "compile":
-        return _compiled(net, dtype)
-    return _in_precision(fast_network(net), dtype)
-
-
-def _in_precision(graph: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``graph`` in ``dtype``; float32 leaves it as built (a ``.double()`` net stays so)."""
-    return graph if dtype == torch.float32 else graph.to(dtype)
-
-
-def _compiled(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The fast graph in standard ops under ``torch.compile``: Inductor then fuses the
-    pooling, adds, relus and concatenations into generated loops (17% faster than the
-    eager graph on NASNet-mobile at batch 16 here) and calls oneDNN for the convolutions.
-    Freezing turns the weights into constants, so Inductor packs them for oneDNN once and
-    fuses the relus and adds into the convolutions (another 1.2x on NASNet-mobile); the
-    engine is rebuilt when the weights change (InferenceGraph), so constants do no harm."""
-    graph = torch.compile(_in_precision(fast_network(net, portable=True), dtype), dynamic=False,
-                          options={"freezing": True})
-    return PaddedBatches(graph)
-
-
-class PaddedBatches(nn.Module):
-    """A compiled graph that compiles a batch size only when it is larger than all before:
-    a smaller batch is padded with zeros to the nearest compiled size, so a job's ragged
-    last batch, or a caller's changing batch sizes, cost no new compilation (30-50 s for
-    NASNet-mobile). New image sizes and end points still compile their own graph."""
-
-    def __init__(self, graph: nn.Module) -> None:
-        super().__init__()
-        self.graph, self.sizes = graph, []
-
-    def forward(self, x: torch.Tensor, end_points: dict[str, torch.Tensor] | None = None,
-                pre_logits: bool = False) -> torch.Tensor:
-        rows = len(x)
-        fits = [size for size in self.sizes if size > rows]
-        if end_points is not None or rows in self.sizes or not fits:
-            if end_points is None and rows not in self.sizes:
-                self.sizes.append(rows)
-            return self.graph(x, end_points, pre_logits)
-        layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-                  else torch.contiguous_format)  # the strides the graph was compiled for
-        padded = x.new_zeros((min(fits), *x.shape[1:])).contiguous(memory_format=layout)
-        padded[:rows] = x
-        return self.graph(padded, None, pre_logits)[:rows]
+        return compiled(net, dtype)
+    return in_precision(fast_network(net), dtype)
 
 
 _VERSION, _DATA_PTR = operator.attrgetter("_version"), torch.Tensor.data_ptr
@@ -340,7 +237,7 @@ class InferenceGraph:
 
     def _fast_graph(self) -> nn.Module:
         if self._fast is None:
-            _auto_tune_allocator()
+            auto_tune_allocator()
             self._fast = fast_network(self.net)
         return self._fast
 
@@ -398,6 +295,6 @@ def optimize(net: nn.Module, engine: str = "fast") -> nn.Module:
     """
     if engine not in ("fast", "compile"):
         raise ValueError(f"optimize() builds the 'fast' or 'compile' engine, got {engine!r}; "
-                         "for ONNX Runtime use imvec.export.OnnxRuntimeNet(net)")
-    _auto_tune_allocator()
-    return _compiled(net) if engine == "compile" else fast_network(net)
+                         "for ONNX Runtime use imvec.engines.onnx.OnnxRuntimeNet(net)")
+    auto_tune_allocator()
+    return compiled(net) if engine == "compile" else fast_network(net)

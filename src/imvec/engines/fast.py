@@ -15,7 +15,7 @@
   elementwise maxima.
 
 Kernel-level choices (weight packing, asymmetric padding, small 1x1s as matmuls) live in
-:mod:`imvec.nets.fusion`.
+:mod:`imvec.engines.fusion`.
 
 The graphs hold buffers, not parameters: they are for inference. Training, fine-tuning and
 ``variable_map`` keep using the faithful network.
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imvec.engines.fusion import FusedConv, is_portable
 from imvec.nets.cells import Bottleneck1x7, Cell, Identity, Pool, SeparableStack
-from imvec.nets.fusion import FusedConv, is_portable
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE, ConvBNRelu6, Depthwise, MobileNetV1
 from imvec.nets.nas import NASNetwork
 from imvec.nets.ops import avg_pool_same, max_pool_same
