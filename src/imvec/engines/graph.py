@@ -1,51 +1,39 @@
 """How a module runs at inference: its engine, built once, separate from the faithful net.
 
-Engines (``imvec.load(..., engine=...)``):
+Engines (``imvec.load(..., engine=...)``; measurements in benchmarks/results/amd-epyc-2c.md):
 
 ``"auto"`` (the default)
-    ``"faithful"`` for a trainable module. Otherwise the engine measured fastest on a CPU
-    (benchmarks/bench_models.py): ``"onnxruntime"`` when ONNX Runtime is installed
-    (``pip install 'imvec[onnx]'``), except for AmoebaNet-A; else ``"fast"``.
-    ``$IMVEC_ENGINE`` overrides the choice.
+    ``"faithful"`` for a trainable module. Otherwise the engine measured fastest on a CPU:
+    ``"onnxruntime"`` when ONNX Runtime is installed (``pip install 'imvec[onnx]'``),
+    except for AmoebaNet-A; else ``"fast"``. ``$IMVEC_ENGINE`` overrides the choice.
 ``"fast"``
     :func:`imvec.engines.fast.fast_network`: BN folded into the convolutions, channels_last,
-    relu and adds fused into oneDNN convolutions, each relu computed once. Same outputs
-    as the faithful graph to ~1e-6 relative. No export step; end points; AmoebaNet-A.
+    relu and adds fused into oneDNN convolutions, each relu computed once. Same outputs as
+    the faithful graph to ~1e-6 relative; end points; every network.
 ``"compile"``
-    The fast graph in standard ops under ``torch.compile`` with frozen weights (needs a
-    C++ compiler; the first call of each input shape compiles, 30-50 s for NASNet-mobile,
-    a minute or more for the large networks). The fastest engine for NASNet-mobile at
-    batch 16 (98.6 images/s on 2 cores, against 92.2 for ``"onnxruntime"`` and 85.0 for
-    ``"fast"``), but half as fast as ``"onnxruntime"`` at batch 1; no faster than
-    ``"fast"`` where convolutions dominate (NASNet-large 3.52 vs 3.53 images/s).
+    The fast graph in standard ops under ``torch.compile`` with frozen weights
+    (:mod:`imvec.engines.compiled`; needs a C++ compiler; each new input shape compiles
+    first, 30-50 s for NASNet-mobile): pays off on long jobs.
 ``"onnxruntime"``
-    The fast graph exported to ONNX and run by ONNX Runtime (``pip install imvec[onnx]``).
-    It has the least overhead per operation: on 2 CPU cores it ran MobileNet V1 2.2x
-    (batch 1) and 1.3x (batch 16) faster than ``"fast"``, NASNet-mobile 2.6x and 1.1x
-    (before the channel padding of :mod:`imvec.engines.onnx.nchwc` made it another 1.24x faster),
-    NASNet-large 1.06x and 1.04x. The export
-    (seconds) happens on the first call and is cached under ``$IMVEC_HOME/onnx``. Returns
-    no end points (``as_dict=True`` runs ``"fast"``); inputs not on the CPU run ``"fast"``
-    when the engine was chosen by ``"auto"``.
+    The fast graph exported to ONNX (:mod:`imvec.engines.onnx`), channels padded to the
+    CPU's blocked layout, run by ONNX Runtime: the least overhead per operation. Exported
+    on the first call of each size and cached under ``$IMVEC_HOME/onnx``. No end points
+    (``as_dict=True`` runs ``"fast"``); inputs off the CPU run ``"fast"`` under "auto".
 ``"faithful"``
-    The training graph in eval mode: the reference, and what ``trainable=True`` always runs.
+    The training graph in eval mode: the reference, and what ``trainable=True`` runs.
 
-Precision (``imvec.load(..., precision=...)``): ``"float32"`` (the default) gives
-TensorFlow's outputs to float32 rounding. ``"bfloat16"`` runs the fast graph (or the
-compiled one) with bfloat16 weights and activations, for throughput where a rounding error
-of ~0.4% in the features is acceptable (retrieval, clustering; on the TF fixtures 0.30-0.41%
-of the largest feature, cosine to TF's vectors >= 0.99999). On a CPU with AVX512-BF16 or AMX
-it ran 1.2-2.3x the float32 fast graph at batch 16 (1.8-1.9x on the 331px networks; 2
-cores of an AMD EPYC, benchmarks/bench_models.py); CPUs without them were not measured. At
-batch 1 the small networks run faster in float32 under ONNX Runtime. Images and features stay
-float32 at the module's boundary; BN is folded in float32 before the weights are rounded.
-ONNX Runtime has no bfloat16 CPU kernels, so "auto" picks "fast".
+Precision (``imvec.load(..., precision=...)``, :mod:`imvec.engines.precision`):
+``"float32"`` (the default) gives TensorFlow's outputs to float32 rounding. ``"bfloat16"``
+runs the fast or compiled graph with bfloat16 weights and activations (~0.4% of the
+largest feature on the TF fixtures, cosine >= 0.99999), for CPUs with AVX512-BF16 or AMX.
+Images and features stay float32; BN is folded in float32 before rounding. ONNX Runtime
+has no bfloat16 CPU kernels, so "auto" picks "fast".
 
 The faithful network is never changed: ``variable_map``, ``state_dict`` and fine-tuning see
-the original, unfolded variables. A built engine is dropped (and rebuilt on the next call)
-when the faithful weights change, e.g. after ``load_state_dict``, ``.to()`` or an in-place
-op; writes that bypass autograd's version counters (``parameter.data.mul_(...)``, numpy
-views of the weights) need ``module.rebuild_engine()``.
+the original variables. A built engine is dropped (and rebuilt on the next call) when the
+faithful weights change (``load_state_dict``, ``.to()``, an in-place op); writes that
+bypass autograd's version counters (``parameter.data.mul_(...)``, numpy views of the
+weights) need ``module.rebuild_engine()``.
 """
 
 from __future__ import annotations
