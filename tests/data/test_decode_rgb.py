@@ -54,12 +54,28 @@ def test_every_mode_becomes_rgb(tmp_path):
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     with Image.open(files["alpha.png"]) as image:
         np.testing.assert_array_equal(decode_rgb(files["alpha.png"]), np.asarray(image)[..., :3])
-    # 16-bit: scaled to 8 bits with rounding (not truncated).
+    # 16-bit: the high byte, as TF's decode_png(dtype=uint8) (see the test below).
     with Image.open(files["sixteen.png"]) as image:
-        raw = np.asarray(image, dtype=np.float64)
-    expected = np.floor(raw / 65535 * 255 + 0.5).astype(np.uint8)
+        raw = np.asarray(image)
+    expected = (raw >> 8).astype(np.uint8)
     np.testing.assert_array_equal(decode_rgb(files["sixteen.png"]),
                                   np.repeat(expected[..., None], 3, axis=2))
+
+
+def test_sixteen_bit_png_keeps_the_high_byte_as_libpng_strip_16(tmp_path):
+    """TF's decode_png(dtype=uint8) asks libpng for png_set_strip_16; OpenCV's PNG reader
+    asks libpng for the same, so its 8-bit reading is an independent reference. (Rounding
+    v / 257, as before, differs for e.g. 400 -> 2 instead of 1.)"""
+    cv2 = pytest.importorskip("cv2")
+    raw = np.random.default_rng(7).integers(0, 65536, (37, 53), dtype=np.uint16)
+    raw[0, :4] = (255, 383, 400, 65535)
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(raw).save(path)
+    reference = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    assert reference[0, :4].tolist() == [0, 1, 1, 255]
+    ours = decode_rgb(path)
+    np.testing.assert_array_equal(ours, np.repeat(reference[..., None], 3, axis=2))
+    np.testing.assert_array_equal(np.asarray(open_image(path)), ours)
 
 
 @pytest.mark.parametrize("name, reason", [

@@ -1,15 +1,18 @@
 """DecodePool: batches in order, straight into shared buffers, memory bounded, a crashing
-decoder costs one image only."""
+or hanging decoder costs one image only."""
 
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
-from extract_helpers import make_folder
+from extract_helpers import make_folder, pattern, save
+from test_decode_misbehaving import _unblock_a_reader
 
+from imvec.data import preprocess
 from imvec.data.preprocess import Preprocessing
 from imvec.data.sources import Item, list_images
 from imvec.extract.pool import CRASHED, DecodePool, decode_into
@@ -101,6 +104,106 @@ def test_an_image_decoding_beside_a_crash_is_not_blamed_for_it(tmp_path, monkeyp
     with DecodePool(Preprocessing((4, 4)), 2, batch_size=2, chunk=1) as pool:
         (batch,) = [(b.items, b.errors) for b in pool.batches(items)]
     assert batch[1] == [None, CRASHED]
+
+
+def _stuck_on(name: str):
+    real = preprocess.decode_rgb
+
+    def decode(source, *args):
+        if str(source).endswith(name):
+            time.sleep(3600)  # as a decoder looping forever on a hostile file would
+        return real(source, *args)
+
+    return decode
+
+
+LATE = "decoding took longer than 1 s (the decode deadline; raise it with --decode-timeout)"
+
+
+@fork_only
+@pytest.mark.parametrize("shared", [True, False])
+def test_an_image_stuck_past_the_deadline_costs_only_that_image(tmp_path, monkeypatch, shared):
+    """The real deadline machinery: the worker's decode_rgb (inherited by fork) never
+    returns for one file; the pool kills that worker, reports the image, decodes the rest."""
+    folder = make_folder(tmp_path, 7, size=16)
+    save(pattern(16, 16), folder / "group1" / "stuck.jpg")
+    monkeypatch.setattr(preprocess, "decode_rgb", _stuck_on("stuck.jpg"))
+    items = list_images([folder])
+    with DecodePool(Preprocessing((4, 4)), 2, batch_size=4, lookahead=1, chunk=2,
+                    shared=shared, deadline=1) as pool:
+        batches = [(b.items, b.errors, b.images.copy()) for b in pool.batches(items)]
+        assert pool.restarts >= 1
+    errors = {i.id: e for its, errs, _ in batches for i, e in zip(its, errs, strict=True)}
+    assert errors.pop("group1/stuck.jpg") == LATE
+    assert set(errors) == {i.id for i in items} - {"group1/stuck.jpg"}
+    assert not any(errors.values())
+    monkeypatch.undo()
+    good = [i for i in items if i.id in errors]
+    images = np.concatenate([im for _, _, im in batches])[[i.id in errors for i in items]]
+    np.testing.assert_array_equal(
+        images, np.stack([Preprocessing((4, 4))(i.path) for i in good]) * np.float32(2) - 1)
+
+
+@fork_only
+def test_a_late_image_among_one_by_one_retries_is_still_late(tmp_path, monkeypatch):
+    """A crash and a hang in one chunk: the retries one at a time meet the hang too."""
+    folder = make_folder(tmp_path, 2, size=16)
+    save(pattern(16, 16), folder / "group0" / "stuck.jpg")
+    (folder / "group0" / "poison.jpg").write_bytes(b"whatever")
+    stuck = _stuck_on("stuck.jpg")
+
+    def decode(source, *args):
+        if str(source).endswith("poison.jpg"):
+            os._exit(3)
+        return stuck(source, *args)
+
+    monkeypatch.setattr(preprocess, "decode_rgb", decode)
+    items = list_images([folder])
+    with DecodePool(Preprocessing((4, 4)), 1, batch_size=4, chunk=4, deadline=1) as pool:
+        (batch,) = list(pool.batches(items))
+    errors = dict(zip([i.id for i in batch.items], batch.errors, strict=True))
+    assert errors == {"group0/img0000.jpg": None, "group0/poison.jpg": CRASHED,
+                      "group0/stuck.jpg": LATE, "group1/img0001.jpg": None}
+
+
+@fork_only
+def test_closing_the_pool_ends_a_worker_stuck_on_an_image(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path, 1, size=16)
+    save(pattern(16, 16), folder / "stuck.jpg")
+    monkeypatch.setattr(preprocess, "decode_rgb", _stuck_on("stuck.jpg"))
+    items = list_images([folder])
+    pool = DecodePool(Preprocessing((4, 4)), 1, batch_size=1, lookahead=1, deadline=1)
+    with pool:
+        batches = pool.batches(items)
+        assert next(batches).errors == [None]  # the next one is decoding, forever
+        workers = list(pool._executor._processes.values())
+    assert workers and not any(worker.is_alive() for worker in workers)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_among_the_images_is_reported_not_waited_for(tmp_path):
+    folder = make_folder(tmp_path, 3, size=16)
+    os.mkfifo(folder / "x.jpg")
+    items = list_images([folder])
+    done = threading.Event()
+    # Unblocks a worker stuck in open() (as before the fix), so a failure cannot hang.
+    rescuer = threading.Thread(target=_unblock_a_reader, args=(folder / "x.jpg", done),
+                               daemon=True)
+    rescuer.start()
+    try:
+        with DecodePool(Preprocessing((4, 4)), 2, batch_size=2) as pool:
+            errors = [e for b in pool.batches(items) for e in b.errors]
+    finally:
+        done.set()
+        rescuer.join()
+    reasons = dict(zip([i.id for i in items], errors, strict=True))
+    assert reasons.pop("x.jpg").startswith("a FIFO (named pipe), not an image file")
+    assert not any(reasons.values())
+
+
+def test_the_deadline_must_be_positive():
+    with pytest.raises(ValueError, match="deadline must be a positive number of seconds"):
+        DecodePool(Preprocessing((4, 4)), 1, batch_size=1, deadline=0)
 
 
 def test_decode_into_turns_unexpected_exceptions_into_reasons(monkeypatch):

@@ -49,10 +49,12 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"expected an [H, W, C] image with H, W >= 1; got {image.shape}")
     y0, y1, wy = _axis(image.shape[0], height)
     x0, x1, wx = _axis(image.shape[1], width)
-    upper, lower = image[y0], image[y1]  # whole rows: a cheap gather
+    upper, lower = y0[:, None], y1[:, None]
 
     def corners(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        return np.take(rows, columns, axis=1).astype(np.float32)
+        # Only the output's pixels: gathering whole rows first made a 1-pixel-tall image
+        # W pixels wide cost height * W * 3 bytes (16 GB for a 16 KB PNG).
+        return image[rows, columns[None, :]].astype(np.float32)
 
     wx = wx[None, :, None]
     top = corners(upper, x1)
