@@ -10,7 +10,7 @@ import torch
 from conftest import FIXTURES, TF_FIXTURES, assert_close
 
 import imvec
-from imvec._system import tune_allocator
+from imvec._system import trim_allocator, tune_allocator
 from imvec.engines import fusion
 from imvec.engines.fast import FastMobileNetV1, FastNASNetwork, fast_network
 from imvec.engines.graph import InferenceGraph, onnxruntime_available, optimize
@@ -232,10 +232,52 @@ def test_fast_graph_is_not_trainable():
         fast_network(torch.nn.Linear(2, 2))
 
 
+def _mapped_bytes_of_a_fresh_block(size: int = 64 << 20) -> int:
+    """How many bytes glibc serves by mmap for one ``size``-byte malloc (mallinfo2's
+    ``hblkhd``: bytes in mmapped blocks): about ``size`` by default, 0 once tuned."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    try:
+        return libc.mallinfo2().hblkhd - before
+    finally:
+        libc.free(block)
+
+
+def _glibc_with_mallinfo2() -> bool:
+    import platform
+
+    name, version = platform.libc_ver()
+    return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 33)
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc >= 2.33 (mallinfo2) only")
 def test_tune_allocator_is_reversible():
-    assert tune_allocator(True) in (True, False)
-    assert tune_allocator(False) in (True, False)
-    tune_allocator(True)
+    from imvec._system import _ALLOCATOR_TUNED
+
+    was_tuned = _ALLOCATOR_TUNED[0]
+    try:
+        assert tune_allocator(True) is True and _ALLOCATOR_TUNED[0]
+        assert _mapped_bytes_of_a_fresh_block() == 0  # kept in the heap, reused
+        assert tune_allocator(False) is True and not _ALLOCATOR_TUNED[0]
+        trim_allocator()  # the heap still holds the freed block until trimmed
+        assert _mapped_bytes_of_a_fresh_block() >= 64 << 20  # glibc's default: mmap
+        assert tune_allocator(True, largest=1 << 20) is True
+        trim_allocator()
+        assert _mapped_bytes_of_a_fresh_block(4 << 20) >= 4 << 20  # above `largest`: mapped
+        assert _mapped_bytes_of_a_fresh_block(512 << 10) == 0  # below it: heap
+    finally:
+        tune_allocator(was_tuned)
 
 
 def test_fold_batch_norm_by_hand():

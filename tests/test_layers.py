@@ -21,7 +21,7 @@ LAYERS = [
     ("imvec.registry", "imvec.labels"),
     ("imvec.weights",),
     ("imvec.module",),
-    ("imvec.loader", "imvec.hub", "imvec.export", "imvec.cards", "imvec.data"),
+    ("imvec.loader", "imvec.hub", "imvec.export", "imvec.cards", "imvec.data", "imvec.demo"),
     ("imvec.extract", "imvec.finetune"),
     ("imvec.cli",),
 ]

@@ -44,3 +44,42 @@ def test_describe_and_validation(tmp_path):
     Image.new("RGB", (50, 50)).save(tmp_path / "b.png")
     with pytest.raises(ImageDecodeError, match="exceeds the limit of 100"):
         Preprocessing((8, 8), max_pixels=100)(tmp_path / "b.png")
+
+
+def test_a_recorded_preprocessing_is_rebuilt_exactly():
+    for pre in (Preprocessing((40, 30), 0.875, 1000, accept_truncated=True),
+                Preprocessing((8, 8))):
+        assert Preprocessing.from_record(pre.describe()) == pre
+
+
+def test_preprocess_takes_the_size_of_a_handle_card_or_module(tmp_path):
+    import imvec
+    from imvec.registry import find_card
+
+    path = save(pattern(40, 60, seed=6), tmp_path / "a.png")
+    by_name = imvec.preprocess(path, "nasnet_mobile")  # nothing downloaded: only the size
+    assert by_name.shape == (224, 224, 3) and by_name.dtype == np.float32
+    assert np.array_equal(imvec.preprocess(path, find_card("nasnet_mobile")), by_name)
+    assert np.array_equal(imvec.preprocess(path, 224), by_name)
+    module = imvec.load("mobilenet_v1_050_160", pretrained=False)
+    assert imvec.preprocess(path, module, size=96).shape == (96, 96, 3)
+    assert imvec.preprocess(path, (20, 30), crop=0.5).shape == (20, 30, 3)
+    assert imvec.preprocess(np.stack([pattern(40, 60)] * 2), 8).shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("image,model,options,match", [
+    (np.zeros((8, 8, 3), np.float32), 8, {}, r"uint8 RGB \[height, width, 3\]; got float32"),
+    (np.zeros((8, 8), np.uint8), 8, {}, r"got uint8 \[8, 8\]"),
+    (np.zeros((8, 8, 3), np.uint8), 8, {"size": 8}, "give the size once"),
+    (np.zeros((8, 8, 3), np.uint8), "nasnet_mobile", {"size": 96}, "takes 224x224 images only"),
+    (np.zeros((8, 8, 3), np.uint8), "mobilenet_v1_050_160", {"size": 16}, "at least 32x32"),
+    (np.zeros((8, 8, 3), np.uint8), 2.5, {}, "got float"),
+    (7, 8, {}, "got int"),
+    ([], 8, {}, "empty list"),
+])
+def test_preprocess_refuses_bad_input_saying_what_to_do(image, model, options, match):
+    import imvec
+    from imvec.errors import InputError
+
+    with pytest.raises(InputError, match=match):
+        imvec.preprocess(image, model, **options)

@@ -1,20 +1,15 @@
-"""Datasets for fine-tuning: folders and tables, the split, Inception-style augmentation."""
+"""Datasets for fine-tuning: folders and tables, the split, the pixels of each example."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from imvec.finetune.data import (
-    CROP_AREA,
-    CROP_RATIO,
-    ImageDataset,
-    LabeledImages,
-    center_crop,
-    random_resized_crop,
-    read_dataset,
-    stratified_split,
-)
+from imvec.finetune.data import ImageDataset, LabeledImages, read_dataset, stratified_split
+
+TF_REFERENCE = Path(__file__).parents[1] / "data" / "tf_resize_reference.npz"
 
 
 def _save(path, color=(10, 20, 30), size=(8, 8)):
@@ -108,28 +103,18 @@ def _coordinates(size=200):
     return Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8))
 
 
-def test_random_resized_crop_boxes_follow_inception_bounds():
-    image, rng = _coordinates(), np.random.default_rng(0)
-    areas, ratios = [], []
-    for _ in range(300):
-        out = np.asarray(random_resized_crop(image, (40, 50), rng)).astype(float)
-        assert out.shape == (40, 50, 3)
-        w = out[..., 0].max() - out[..., 0].min() + 1
-        h = out[..., 1].max() - out[..., 1].min() + 1
-        areas.append(w * h / 200**2)
-        ratios.append(w / h)
-    # bilinear sampling shaves up to about one pixel per side off the observed box
-    assert CROP_AREA[0] * 0.8 <= min(areas) and max(areas) <= CROP_AREA[1]
-    assert CROP_RATIO[0] * 0.85 <= min(ratios) and max(ratios) <= CROP_RATIO[1] * 1.15
-    assert np.median(areas) < 0.6 and max(areas) > 0.85  # the whole range is used
-
-
-def test_center_crop_keeps_the_central_fraction():
-    out = np.asarray(center_crop(_coordinates(), (100, 100), 0.875)).astype(float)
-    assert out[..., 0].min() == pytest.approx(12.5, abs=1.0)
-    assert out[..., 0].max() == pytest.approx(186.5, abs=1.0)
-    with pytest.raises(ValueError, match="central crop fraction"):
-        center_crop(_coordinates(), (10, 10), 0.0)
+@pytest.mark.parametrize("fraction", [0.875, 1.0])
+def test_evaluation_pixels_are_a_tf_hub_users(tmp_path, fraction):
+    """decode_jpeg -> central_crop -> tf.image.resize -> [0, 1], as TensorFlow computed it
+    (tests/data/tf_resize_reference.npz); PIL's antialiased resize is ~1/255 away."""
+    reference = np.load(TF_REFERENCE)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(reference["jpeg_bytes"].tobytes())
+    data = LabeledImages((str(path),), (0,), ("a",))
+    image, label, _ = ImageDataset(data, (24, 32), augment=False, central_fraction=fraction)[0]
+    key = "pipeline_integer_accurate" + ("_crop0.875" if fraction < 1 else "")
+    assert image.dtype == torch.float32 and label == 0
+    np.testing.assert_allclose(image.numpy(), reference[key], rtol=0, atol=1e-6)
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
@@ -142,10 +127,12 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     assert torch.equal(ImageDataset(data, (32, 32), augment=True, seed=5)[3][0], first)
     dataset.set_epoch(1)
     assert not torch.equal(dataset[3][0], first)
-    flipped = [float(dataset[i][0][..., 0].float().diff(dim=1).mean()) < 0 for i in range(64)]
+    flipped = [float(dataset[i][0][..., 0].diff(dim=1).mean()) < 0 for i in range(64)]
     assert 20 <= sum(flipped) <= 44  # horizontal flips about half the time
     plain = ImageDataset(data, (32, 32), augment=False)[0][0]
-    assert float(plain[..., 0].float().diff(dim=1).mean()) > 0
+    assert float(plain[..., 0].diff(dim=1).mean()) > 0
+    assert first.dtype == plain.dtype == torch.float32
+    assert float(first.min()) >= 0 and float(first.max()) <= 1
 
 
 def test_undecodable_image_gets_label_minus_one(tmp_path):
@@ -154,3 +141,4 @@ def test_undecodable_image_gets_label_minus_one(tmp_path):
     data = LabeledImages((str(bad),), (1,), ("a", "b"))
     image, label, index = ImageDataset(data, (16, 16), augment=True)[0]
     assert label == -1 and index == 0 and image.shape == (16, 16, 3) and not image.any()
+    assert image.dtype == torch.float32

@@ -54,9 +54,22 @@ def test_wrong_hparams_give_shape_mismatch(small_mobilenet):
 
 
 def test_ignored_entries_load_knowingly(small_mobilenet):
-    variables = dict(small_mobilenet, global_step=np.int64(5))
-    variables["aux_7/aux_logits/FC/biases"] = np.zeros(1001, np.float32)
-    load_tf_variables(mobilenet_v1(depth_multiplier=0.25), variables)
+    extras = {"global_step": np.int64(5),
+              "aux_7/aux_logits/FC/biases": np.zeros(1001, np.float32),
+              "MobilenetV1/Conv2d_0/weights/ExponentialMovingAverage":
+                  np.zeros((3, 3, 3, 8), np.float32)}
+    net = mobilenet_v1(depth_multiplier=0.25)
+    load_tf_variables(net, {**small_mobilenet, **extras})
+    # Every network tensor holds the checkpoint's value; the extras went nowhere.
+    loaded = variable_map(net)
+    assert set(loaded) == set(small_mobilenet)
+    for name, value in small_mobilenet.items():
+        np.testing.assert_array_equal(loaded[name].numpy(), value, err_msg=name)
+    # The same entries under names that are not knowingly ignored are refused, by name.
+    with pytest.raises(CheckpointMismatchError, match="aux7/aux_logits/FC/biases"):
+        load_tf_variables(mobilenet_v1(depth_multiplier=0.25),
+                          {**small_mobilenet, "aux7/aux_logits/FC/biases": extras[
+                              "aux_7/aux_logits/FC/biases"]})
 
 
 def test_variable_map_round_trips_tf_layout_and_is_live(small_mobilenet):

@@ -41,9 +41,8 @@ def _chunks(index: Path, rows: int) -> Iterator[tuple[list[str], list[str], np.n
             yield ([r[0] for r in part], [r[1] for r in part],
                    np.asarray(features[start:start + rows], np.float32))
         return
-    with open(index, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows,
-                                                    columns=["id", "path", "feature"]):
+    with pq.ParquetFile(str(index)) as parquet:  # by path: see arrow.read_columns
+        for batch in parquet.iter_batches(batch_size=rows, columns=["id", "path", "feature"]):
             yield (batch.column(0).to_pylist(), batch.column(1).to_pylist(),
                    list_values(batch.column(2)))
 
@@ -89,8 +88,7 @@ def neighbors(query_images: Sequence[str | os.PathLike], index: str | os.PathLik
         raise ImvecError(f"{index} was made with weights sha256 "
                          f"{record['model']['weights_sha256']}, but {module.source} has "
                          f"{weights_sha256(module)}; pass the index's model with --model")
-    pre = record["preprocessing"]
-    preprocessing = Preprocessing(tuple(pre["size"]), pre["crop"], pre["max_pixels"])
+    preprocessing = Preprocessing.from_record(record["preprocessing"])
     import torch
 
     images = np.stack([preprocessing(path) for path in query_images])

@@ -1,36 +1,35 @@
 """Labelled images for fine-tuning: where they come from, how they are split and augmented.
 
 A dataset is an image folder (one sub-folder per class) or a CSV / Parquet table of
-(path, label). Augmentation takes the crop and flip of TF-Slim's Inception preprocessing,
-which trained these networks: a random crop covering 5-100% of the image with aspect ratio
-3/4-4/3, resized to the module's size, and a random horizontal flip (its colour distortion
-is left out). Evaluation takes the central 87.5% crop,
-as TF-Slim's eval did. Every random choice is drawn from ``(seed, epoch, index)``, so an
-example's augmentation does not depend on workers, ranks or resumption.
+(path, label). Pixels come from the one image pipeline of :mod:`imvec.data`: evaluation
+takes the central 87.5% crop (as TF-Slim's eval did) exactly as ``imvec extract --crop``
+and ``imvec predict`` make it; training takes TF-Slim's Inception crop and flip
+(:mod:`imvec.data.augment`) on the same resize. Every random choice is drawn from
+``(seed, epoch, index)``, so an example's augmentation does not depend on workers, ranks
+or resumption.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from imvec.data.decode import ImageDecodeError, open_image
+from imvec.data.augment import AUGMENTATION, augment
+from imvec.data.decode import ImageDecodeError, decode_rgb
+from imvec.data.preprocess import RESIZE_METHOD, Preprocessing
 
-__all__ = ["IMAGE_SUFFIXES", "ImageDataset", "LabeledImages", "center_crop", "read_dataset",
-           "random_resized_crop", "stratified_split"]
+__all__ = ["EVAL_CENTRAL_FRACTION", "IMAGE_SUFFIXES", "PIXELS", "ImageDataset",
+           "LabeledImages", "read_dataset", "stratified_split"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-CROP_AREA = (0.05, 1.0)  # TF-Slim inception_preprocessing.distorted_bounding_box_crop
-CROP_RATIO = (3 / 4, 4 / 3)
-CROP_ATTEMPTS = 100
 EVAL_CENTRAL_FRACTION = 0.875
+# What makes an example's pixels (part of the feature cache's key).
+PIXELS = {"resize": RESIZE_METHOD, "augment": AUGMENTATION}
 
 
 @dataclass(frozen=True)
@@ -159,47 +158,16 @@ def stratified_split(
     return images.subset(sorted(train)), images.subset(sorted(val))
 
 
-def random_resized_crop(
-    image: Image.Image, size: tuple[int, int], rng: np.random.Generator
-) -> Image.Image:
-    """Inception-style crop: area and aspect ratio drawn until the box fits, else the
-    whole image; then resized (bilinear) to ``size`` (height, width)."""
-    width, height = image.size
-    area = width * height
-    box = (0, 0, width, height)
-    for _ in range(CROP_ATTEMPTS):
-        target = area * rng.uniform(*CROP_AREA)
-        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
-        w = round(math.sqrt(target * ratio))
-        h = round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            box = (left, top, left + w, top + h)
-            break
-    return image.resize((size[1], size[0]), Image.BILINEAR, box=box)
-
-
-def center_crop(
-    image: Image.Image, size: tuple[int, int], fraction: float = EVAL_CENTRAL_FRACTION
-) -> Image.Image:
-    """The central ``fraction`` of each side, resized (bilinear) to ``size``."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"central crop fraction must be in (0, 1], got {fraction}")
-    width, height = image.size
-    w, h = width * fraction, height * fraction
-    box = ((width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2)
-    return image.resize((size[1], size[0]), Image.BILINEAR, box=box)
-
-
 class ImageDataset(torch.utils.data.Dataset):
-    """``(uint8 [H, W, 3], label)`` per example; an undecodable image gives zeros and the
-    label -1, which the loss and the metrics ignore (the trainer lists such files)."""
+    """``(float32 [H, W, 3] in [0, 1], label, index)`` per example: the module's input. An
+    undecodable image gives zeros and the label -1, which the loss and the metrics ignore
+    (the trainer lists such files)."""
 
     def __init__(self, images: LabeledImages, size: tuple[int, int], *, augment: bool,
                  seed: int = 0, central_fraction: float = EVAL_CENTRAL_FRACTION) -> None:
         self.images, self.size, self.augment, self.seed = images, size, augment, seed
         self.central_fraction = central_fraction
+        self.eval_preprocessing = Preprocessing(tuple(size), central_fraction)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -209,16 +177,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        path = self.images.paths[index]
         try:
-            image = open_image(self.images.paths[index])
+            if self.augment:
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                pixels = augment(decode_rgb(path), self.eval_preprocessing.size, rng)
+            else:
+                pixels = self.eval_preprocessing(path)
         except ImageDecodeError:
-            return torch.zeros(*self.size, 3, dtype=torch.uint8), -1, index
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image = random_resized_crop(image, self.size, rng)
-            if rng.random() < 0.5:
-                image = ImageOps.mirror(image)
-        else:
-            image = center_crop(image, self.size, self.central_fraction)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()), \
-            self.images.labels[index], index
+            return torch.zeros(*self.size, 3), -1, index
+        return torch.from_numpy(pixels), self.images.labels[index], index

@@ -1,7 +1,8 @@
 """Top-k labels for images, from a fine-tuned run or a TF-Hub classification module.
 
 Images get the evaluation preprocessing of fine-tuning (central 87.5% crop, resized to
-the size the classifier was trained at, or the module's size).
+the size the classifier was trained at, or the module's size): the pixels of
+``imvec extract --crop 0.875`` and :func:`imvec.preprocess` (one pipeline, :mod:`imvec.data`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imvec.data.decode import ImageDecodeError, open_image
-from imvec.finetune.data import EVAL_CENTRAL_FRACTION, center_crop
+from imvec.data.decode import ImageDecodeError
+from imvec.data.preprocess import Preprocessing
+from imvec.finetune.data import EVAL_CENTRAL_FRACTION
 from imvec.finetune.rundir import MODEL
 from imvec.labels import top_k
 from imvec.loader import load
@@ -83,16 +85,16 @@ def predict(
         module, size = load_classifier(model)
         size = image_size or size
     names = module.class_names
+    preprocessing = Preprocessing(tuple(size), central_fraction)
     results: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         batch, ok = [], []
         for path in images[start:start + batch_size]:
             try:
-                crop = center_crop(open_image(path), size, central_fraction)
+                batch.append(preprocessing(path))
             except ImageDecodeError as exc:
                 results.append(Prediction(str(path), error=str(exc)))
                 continue
-            batch.append(np.asarray(crop, dtype=np.float32) / 255.0)
             ok.append((len(results), str(path)))
             results.append(Prediction(str(path)))
         if batch:
