@@ -31,8 +31,9 @@ from module_builders import hub_archive, shrink_card  # noqa: E402
 
 HANDLE = "google/imagenet/nasnet_mobile/feature_vector/3"
 TFHUB = "/tfhub.dev/" + HANDLE
-KAGGLE = ("/www.kaggle.com/api/v1/models/google/nasnet/tensorFlow1/mobile-feature-vector/3/"
+KAGGLE = ("/www.kaggle.com/api/v1/models/google/nasnet/tensorFlow1/mobile-feature-vector/2/"
           "download")
+KAGGLE_V1 = KAGGLE.replace("/2/download", "/1/download")
 SLIM = "/storage.googleapis.com/download.tensorflow.org/models/nasnet-a_mobile_04_10_2017.tar.gz"
 TF2 = "/tfhub.dev/google/imagenet/nasnet_mobile/feature_vector/5"
 BUCKET = "/storage.googleapis.com/kaggle-models/signed/module.tar.gz"
@@ -108,6 +109,7 @@ def test_checksum_mismatch_is_deleted_and_the_next_source_used(origin, archive, 
 def test_when_every_source_fails_each_is_named(origin):
     origin.status(TFHUB, 404)
     origin.status(KAGGLE, 403)
+    origin.status(KAGGLE_V1, 403)
     origin.file(SLIM, b"<html>not a tarball</html>")
     origin.status(TF2, 410)
     with pytest.raises(store.DownloadError) as info:
@@ -115,7 +117,9 @@ def test_when_every_source_fails_each_is_named(origin):
     message = str(info.value)
     for mirror in find_card(HANDLE).mirrors:
         assert mirror.url in message
-    assert "404" in message and "not a tar archive" in message
+    assert "404" in message and "not a tar or zip archive" in message
+    assert "a model version that does not exist" in message  # Kaggle's 403
+    assert f"imvec cache add {HANDLE} FILE" in message
 
 
 def test_offline_without_cache_says_what_to_fetch_and_where(origin, monkeypatch, archive):
@@ -149,8 +153,9 @@ def test_download_command(origin, archive, capsys):
     origin.file(BUCKET, archive)
     assert main(["download", "nasnet_mobile", "--check"]) == 0
     out = capsys.readouterr().out
-    assert f"HTTP 200, {len(archive)} bytes" in out and "HTTP 404" in out
-    assert origin.count(BUCKET, "HEAD") == 1 and origin.count(BUCKET) == 0
+    assert f"HTTP 206, {len(archive)} bytes" in out and "HTTP 404" in out
+    assert origin.count(BUCKET, "HEAD") == 0  # a ranged GET: signed URLs may refuse HEAD
+    assert [h["Range"] for h in origin.headers_of(BUCKET)] == ["bytes=0-0"]
     assert main(["download", HANDLE]) == 0
     out = capsys.readouterr().out
     assert hashlib.sha256(archive).hexdigest() in out
@@ -195,3 +200,39 @@ def test_four_processes_loading_at_once_download_once(origin, archive, tmp_path,
     for i in range(4):
         assert_close(f"process {i}", np.load(tmp_path / f"out{i}.npy"),
                      EXPECTED["features"][:1])
+
+
+def test_a_misspelt_variant_is_an_error_naming_the_valid_ones(converted):
+    with pytest.raises(ValueError, match=r"unknown variant 'classificaton'; did you mean "
+                       r"'classification'\? choose one of feature_vector, classification"):
+        imvec.load(converted("nasnet_mobile_small"), variant="classificaton")
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("hparams", '{"num_cells": 3', "'hparams' is not valid JSON"),
+    ("hparams", "[1, 2]", "'hparams' is not a JSON object"),
+    ("class_names", "[broken", "'class_names' is not valid JSON"),
+    ("num_classes", "many", "'num_classes' is 'many', not a count"),
+    ("arch", "", "'arch' is missing"),
+])
+def test_damaged_metadata_is_one_clear_error_naming_the_file(converted, tmp_path, key, value,
+                                                              match):
+    from safetensors.torch import load_file, save_file
+
+    source = converted("nasnet_mobile_small")
+    metadata = {**read_metadata(source), key: value}
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(load_file(source), str(damaged), metadata=metadata)
+    with pytest.raises(imvec.ImvecError, match=f"damaged.safetensors: damaged metadata, {match}"
+                       ".*imvec convert"):
+        imvec.load(damaged)
+
+
+def test_hyper_parameters_are_bounded_before_anything_is_built():
+    with pytest.raises(ValueError, match=r"num_cells must be in \[1, 64\]; got 3000"):
+        imvec.create_model("nasnet_mobile", num_cells=3000)
+    with pytest.raises(ValueError, match="num_cells must be an integer"):
+        imvec.create_model("pnasnet_large", num_cells=2.5)
+    with pytest.raises(ValueError, match=r"depth_multiplier must be in \(0, 8\]"):
+        imvec.create_model("mobilenet_v1_050_160", depth_multiplier=0)
+    assert imvec.create_model("nasnet_mobile", num_cells=3).num_features == 1056

@@ -1,5 +1,7 @@
 """The TF-Hub contract: inputs, signatures, introspection, trainable / tags semantics."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,25 @@ def test_modules_pickle_and_torch_save(small_nasnet, tf_inputs, options, tmp_pat
             module.engine, module.precision, module.trainable)
         with torch.no_grad():
             assert_close("features", twin(tf_inputs).numpy(), expected["features"], tolerance)
+
+
+def test_batch_norm_momentum_is_checked_and_said_to_do_nothing_without_training(
+        small_nasnet, tf_inputs):
+    signature = "image_feature_vector_with_bn_hparams"
+    with pytest.warns(UserWarning, match="no effect here.*trainable=True"):
+        frozen = small_nasnet(batch_norm_momentum=0.9)
+    frozen = small_nasnet()
+    for bad in (float("nan"), 1.5, -0.1, "0.9x"):
+        with pytest.raises(ValueError, match="batch_norm_momentum must be a number in"):
+            frozen(inputs=dict(images=tf_inputs, batch_norm_momentum=bad), signature=signature)
+        with pytest.raises(ValueError, match="batch_norm_momentum must be a number in"):
+            small_nasnet(trainable=True, tags={"train"}, batch_norm_momentum=bad)
+    with pytest.warns(UserWarning, match="no effect here"):  # as TF-Hub: accepted, ignored
+        out = frozen(inputs=dict(images=tf_inputs, batch_norm_momentum=0.997),
+                     signature=signature)
+    expected = np.load(FIXTURES / "nasnet_mobile_small" / "expected.npz")
+    assert_close("features", out.numpy(), expected["features"])
+    training = small_nasnet(trainable=True, tags={"train"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # where it applies there is nothing to say
+        training(inputs=dict(images=tf_inputs, batch_norm_momentum=0.997), signature=signature)

@@ -27,6 +27,10 @@ class ChecksumError(ImvecError, ValueError):
     """A file whose sha256 differs from the one pinned for it."""
 
 
+class DeviceError(ImvecError, ValueError):
+    """A device that does not exist or that this machine or PyTorch build cannot use."""
+
+
 def summarize_names(names: list[str] | set[str], limit: int = 10) -> str:
     """Sorted names, the first `limit` of them plus a count of the rest."""
     ordered = sorted(names)

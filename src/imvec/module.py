@@ -8,6 +8,8 @@ introspection.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,6 +94,9 @@ class Module(nn.Module):
         self.batch_norm_momentum = DEFAULT_BN_MOMENTUM
         self.set_batch_norm_momentum(DEFAULT_BN_MOMENTUM if batch_norm_momentum is None
                                      else batch_norm_momentum)
+        self._momentum_noted = False
+        if batch_norm_momentum is not None:
+            self._note_momentum_unused()
         self.requires_grad_(trainable)
         self.train("train" in self.tags)
         self._output_shapes: dict[str, tuple[int | None, ...]] | None = None
@@ -143,13 +148,22 @@ class Module(nn.Module):
 
     def set_batch_norm_momentum(self, momentum: float) -> None:
         """TF decay of the BN moving averages in the training graph (0.99 by default)."""
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"batch_norm_momentum must be in [0, 1] (a TF decay such as "
-                             f"0.99 or 0.997), got {momentum}")
-        self.batch_norm_momentum = float(momentum)
+        momentum = check_momentum(momentum)
+        self.batch_norm_momentum = momentum
         for module in self.net.modules():
             if isinstance(module, BatchNorm):
-                module.decay = float(momentum)
+                module.decay = momentum
+
+    def _note_momentum_unused(self) -> None:
+        """A momentum only moves the averages of the training graph. TF-Hub accepts it in
+        the inference graph too and ignores it there, so ported code that always passes it
+        keeps working: a warning (once per module), not an error."""
+        if "train" in self.tags or getattr(self, "_momentum_noted", False):
+            return
+        self._momentum_noted = True
+        warnings.warn("batch_norm_momentum has no effect here: only the training graph "
+                      "updates the batch-norm moving averages; load with trainable=True, "
+                      "tags={'train'} for it to apply", UserWarning, stacklevel=4)
 
     @contextmanager
     def _momentum(self, momentum: Any) -> Iterator[None]:
@@ -157,7 +171,7 @@ class Module(nn.Module):
             yield
             return
         saved = self.batch_norm_momentum
-        self.set_batch_norm_momentum(float(torch.as_tensor(momentum)))
+        self.set_batch_norm_momentum(momentum)
         try:
             yield
         finally:
@@ -242,6 +256,9 @@ class Module(nn.Module):
         signature="image_feature_vector_with_bn_hparams")``."""
         signature = self._signature(signature)
         images, momentum = self._unpack(inputs, signature, kwargs)
+        if momentum is not None:  # checked even where it has no effect: NaN is a bug
+            check_momentum(momentum)
+            self._note_momentum_unused()
         x, array = self._check_images(images)
         if array is not None and self._inference is not None and not as_dict:
             out = self._inference.run_nhwc(array, not self._returns_logits(signature), True)
@@ -342,6 +359,18 @@ class Module(nn.Module):
                 raise InputError(f"{contract}; got values in [{lo:.4g}, {hi:.4g}]. Scale "
                                  "8-bit images by 1/255; undo any mean/std normalization.")
         return x, array
+
+
+def check_momentum(momentum: Any) -> float:
+    """``momentum`` as a float, or a ValueError: a TF decay in [0, 1], finite."""
+    try:
+        value = float(torch.as_tensor(momentum))
+    except (TypeError, ValueError, RuntimeError):
+        value = float("nan")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"batch_norm_momentum must be a number in [0, 1] (a TF decay such "
+                         f"as 0.99 or 0.997), got {momentum!r}")
+    return value
 
 
 def get_expected_image_size(module: Module | Card | str) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -161,7 +162,7 @@ def test_table_dataset_with_a_broken_image_is_reported_not_fatal(tiny, converted
 
 def test_finetune_command(tiny, converted, tmp_path, capsys):
     args = ["finetune", str(tiny), "--model", str(converted("mobilenet_v1_025_128")), "-o",
-            str(tmp_path / "run"), "--epochs", "1", "--image-size", "32", "--workers", "0",
+            str(tmp_path / "run"), "--epochs", "1", "--size", "32", "--workers", "0",
             "--mode", "full", "--batch-size", "6", "--lr", "0.01"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -173,3 +174,117 @@ def test_finetune_command(tiny, converted, tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "nowhere"), "-m", "nasnet_mobile", "-o",
                  str(tmp_path / "x")]) == 1
     assert "no such dataset" in capsys.readouterr().err
+
+
+def _tiny_head_config(tiny, converted, output, **kw):
+    """Head mode with dropout, so that the masks decide the weights."""
+    return FinetuneConfig(str(tiny), str(converted("mobilenet_v1_025_128")), str(output),
+                          epochs=2, batch_size=4, image_size=32, dropout=0.5,
+                          augment_views=2, val_fraction=0.2, workers=0, **kw)
+
+
+def _assert_same_weights(a_path, b_path):
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_head_weights_do_not_depend_on_a_warm_cache(tiny, converted, tmp_path):
+    """The caching pass (and the engine's first build) draw from the global RNG only when
+    the cache is cold; dropout masks must not see the difference."""
+    cold = finetune(_tiny_head_config(tiny, converted, tmp_path / "cold"))
+    shutil.copytree(tmp_path / "cold" / "cache", tmp_path / "warm" / "cache")
+    warm = finetune(_tiny_head_config(tiny, converted, tmp_path / "warm"))
+    _assert_same_weights(cold.model_path, warm.model_path)
+    torch.manual_seed(123)  # what the caller does with the global RNG does not matter either
+    torch.rand(7)
+    again = finetune(_tiny_head_config(tiny, converted, tmp_path / "again"))
+    _assert_same_weights(cold.model_path, again.model_path)
+
+
+def test_a_run_killed_before_its_first_checkpoint_reruns_to_the_same_weights(
+        tiny, converted, tmp_path, monkeypatch):
+    straight = finetune(_tiny_head_config(tiny, converted, tmp_path / "straight"))
+    import imvec.finetune.train as train
+
+    real_save = train.save_checkpoint
+
+    def killed(path, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_tiny_head_config(tiny, converted, tmp_path / "killed"))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    rerun = finetune(_tiny_head_config(tiny, converted, tmp_path / "killed"))  # the same call
+    _assert_same_weights(straight.model_path, rerun.model_path)
+
+
+def test_a_failed_start_does_not_block_the_same_command(tiny, converted, tmp_path, capsys):
+    model = tmp_path / "model.safetensors"
+    args = ["finetune", str(tiny), "-m", str(model), "-o", str(tmp_path / "run"), "--epochs",
+            "1", "--size", "32", "--workers", "0"]
+    assert main(args) == 1  # the weights are not there yet
+    assert "no such weights file" in capsys.readouterr().err
+    shutil.copy(converted("mobilenet_v1_025_128"), model)
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_a_damaged_checkpoint_says_what_to_do(tiny, converted, tmp_path, capsys):
+    config = _tiny_head_config(tiny, converted, tmp_path / "run", resume=True)
+    finetune(config)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\0" * 100)
+    with pytest.raises(imvec.CheckpointError, match=r"checkpoint.pt is damaged.*delete it"):
+        finetune(config)
+    args = ["finetune", str(tiny), "-m", str(converted("mobilenet_v1_025_128")), "-o",
+            str(tmp_path / "run"), "--epochs", "2", "--batch-size", "4", "--size", "32",
+            "--dropout", "0.5", "--augment-views", "2", "--val-fraction", "0.2", "--workers",
+            "0", "--resume"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" in err[0] and "delete it" in err[0]
+    (tmp_path / "run" / "checkpoint.pt").unlink()  # the fix the message gives
+    assert main(args) == 0
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(batch_norm_momentum=float("nan")), "batch_norm_momentum must be a TF decay"),
+    (dict(mode="full", batch_norm_momentum=1.5), "batch_norm_momentum must be a TF decay"),
+    (dict(batch_norm_momentum=0.99), "batch_norm_momentum applies to --mode full"),
+    (dict(drop_path_keep_prob=0.7), "drop_path_keep_prob applies to --mode full"),
+    (dict(lr=float("nan")), "lr must be positive"),
+])
+def test_options_that_would_be_ignored_or_break_training_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig("data", "nasnet_mobile", "out", **options).resolved()
+
+
+def test_old_precision_names_still_work():
+    config = FinetuneConfig("data", "nasnet_mobile", "out", precision="bf16").resolved()
+    assert config.precision == "bfloat16"
+
+
+def test_training_rng_is_apart_from_the_global_one():
+    from imvec.finetune.state import TrainingRNG
+
+    rng = TrainingRNG(5, torch.device("cpu"))
+    torch.manual_seed(0)
+    expected_outside = torch.rand(3)
+    torch.manual_seed(0)
+    with rng.active():
+        first = torch.rand(4)
+    assert torch.equal(torch.rand(3), expected_outside)  # the global stream did not move
+    torch.rand(100)  # draws outside do not move the training stream either
+    with rng.active():
+        second = torch.rand(4)
+    reference = torch.rand(8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.cat([first, second]), reference)
+    restored = TrainingRNG(99, torch.device("cpu"))
+    restored.load_state_dict(rng.state_dict())
+    with rng.active():
+        a = torch.rand(5)
+    with restored.active():
+        b = torch.rand(5)
+    assert torch.equal(a, b)

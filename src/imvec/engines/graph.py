@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib.util
 import operator
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,7 @@ from imvec.engines.compiled import compiled
 from imvec.engines.fast import fast_network
 from imvec.engines.precision import PRECISIONS, check_precision, in_precision
 from imvec.engines.scaling import to_network_range_tensor
+from imvec.engines.threads import apply_torch_threads
 
 __all__ = ["ENGINES", "ENV_ENGINE", "InferenceGraph", "check_engine", "check_precision", "optimize"]
 
@@ -106,6 +108,7 @@ def check_engine(engine: str | None, trainable: bool, network: str | None = None
 def _build(net: nn.Module, engine: str,
            dtype: torch.dtype = torch.float32) -> Callable[..., torch.Tensor]:
     auto_tune_allocator()  # also spares the onnxruntime engine's inputs fresh page faults
+    apply_torch_threads()  # no more threads than CPUs this process may use (threads.py)
     if engine == "onnxruntime":
         from imvec.engines.onnx.runtime import OnnxRuntimeNet
 
@@ -147,13 +150,21 @@ class InferenceGraph:
         self._stamp: tuple | None = None
         self._fast: nn.Module | None = None  # end points under the onnxruntime engine
         self._tensors: list[torch.Tensor] | None = None
+        # threads making their first calls at once: one builds (exports), the others wait
+        self._lock = threading.RLock()
         # load_state_dict(assign=True) puts new tensors in the net, which the stamp of the
         # ones it holds would not see
         net.register_load_state_dict_post_hook(_ForgetTensors(self))
 
     def __getstate__(self) -> dict[str, Any]:  # built engines hold sessions / compiled code
-        return {**self.__dict__, "_built": None, "_stamp": None, "_fast": None,
-                "_tensors": None}
+        state = {**self.__dict__, "_built": None, "_stamp": None, "_fast": None,
+                 "_tensors": None}
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def tensors(self) -> list[torch.Tensor]:
         """The net's parameters and the buffers that shape its outputs (kept: listing
@@ -183,13 +194,14 @@ class InferenceGraph:
 
     def _current(self, cpu_float32: bool) -> Callable[..., torch.Tensor]:
         stamp = self._weights_stamp()
-        if stamp != self._stamp:
-            self._built, self._fast, self._stamp = None, None, stamp
-        if self.chosen and self.engine == "onnxruntime" and not cpu_float32:
-            return self._fast_graph()
-        if self._built is None:
-            self._built = _build(self.net, self.engine, self.dtype)
-        return self._built
+        with self._lock:
+            if stamp != self._stamp:
+                self._built, self._fast, self._stamp = None, None, stamp
+            if self.chosen and self.engine == "onnxruntime" and not cpu_float32:
+                return self._fast_graph()
+            if self._built is None:
+                self._built = _build(self.net, self.engine, self.dtype)
+            return self._built
 
     def run_nhwc(self, images: np.ndarray, pre_logits: bool,
                  unit_range: bool) -> torch.Tensor | None:
@@ -217,17 +229,21 @@ class InferenceGraph:
 
     def _give_up(self, exc: Exception) -> nn.Module:
         """An engine picked by "auto" failed (e.g. its export): the fast graph from now on."""
-        warnings.warn(f"engine {self.engine!r} failed ({type(exc).__name__}: {exc}); running "
-                      "the 'fast' engine instead", RuntimeWarning, stacklevel=4)
-        self.engine = "fast"
-        self._built = self._fast_graph()
-        return self._built
+        with self._lock:
+            if self.engine == "fast" and self._built is not None:  # another thread gave up
+                return self._built
+            warnings.warn(f"engine {self.engine!r} failed ({type(exc).__name__}: {exc}); "
+                          "running the 'fast' engine instead", RuntimeWarning, stacklevel=4)
+            self.engine = "fast"
+            self._built = self._fast_graph()
+            return self._built
 
     def _fast_graph(self) -> nn.Module:
-        if self._fast is None:
-            auto_tune_allocator()
-            self._fast = fast_network(self.net)
-        return self._fast
+        with self._lock:
+            if self._fast is None:
+                auto_tune_allocator()
+                self._fast = fast_network(self.net)
+            return self._fast
 
     def __call__(self, x: torch.Tensor, end_points: dict[str, torch.Tensor] | None = None,
                  pre_logits: bool = False, unit_range: bool = False) -> torch.Tensor:

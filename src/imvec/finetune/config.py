@@ -19,7 +19,8 @@ __all__ = ["MODES", "FinetuneConfig"]
 
 MODES = ("head", "full")
 OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # autocast dtypes, named as torch's
+_OLD_PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "head": dict(epochs=30, batch_size=64, optimizer="adamw", weight_decay=1e-4,
                  warmup_epochs=0.0),
@@ -78,6 +79,7 @@ class FinetuneConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         filled = {k: v if getattr(self, k) is None else getattr(self, k)
                   for k, v in _DEFAULTS[self.mode].items()}
+        filled["precision"] = _OLD_PRECISIONS.get(self.precision, self.precision)
         config = dataclasses.replace(self, **filled)
         if config.lr is None:
             lr = 1e-3 if config.optimizer == "adamw" else 0.005 * config.batch_size / 32
@@ -107,6 +109,16 @@ class FinetuneConfig:
              f"{self.dropout}"),
             (self.drop_path_keep_prob is None or 0 < self.drop_path_keep_prob <= 1,
              f"drop_path_keep_prob must be in (0, 1], got {self.drop_path_keep_prob}"),
+            (self.batch_norm_momentum is None or 0 <= self.batch_norm_momentum <= 1,
+             "batch_norm_momentum must be a TF decay in [0, 1] such as 0.99, got "
+             f"{self.batch_norm_momentum}"),
+            (self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}"),
+            *((self.mode == "full" or not value, f"{name} applies to --mode full (head mode "
+               "trains a linear layer on frozen features, which it would not change)")
+              for name, value in (("batch_norm_momentum", self.batch_norm_momentum is not None),
+                                  ("drop_path_keep_prob", self.drop_path_keep_prob is not None),
+                                  ("grad_checkpointing", self.grad_checkpointing),
+                                  ("sync_bn", self.sync_bn))),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got "
              f"{self.precision!r}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),

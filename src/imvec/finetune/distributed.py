@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from imvec._system import resolve_device
+
 __all__ = ["Context", "all_gather_objects", "average_buffers", "barrier", "setup", "sum_all",
            "teardown", "wrap"]
 
@@ -47,8 +49,11 @@ class Context:
 def setup(device: str | None = None) -> Context:
     """Join the process group that torchrun describes (if any) and pick this rank's device.
 
-    An already initialised group (the caller's own) is used as it is.
+    An already initialised group (the caller's own) is used as it is. A device this machine
+    cannot use is a :class:`~imvec.errors.DeviceError` before anything starts.
     """
+    if device is not None:
+        resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     owns = False
@@ -65,7 +70,7 @@ def setup(device: str | None = None) -> Context:
     elif device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
     rank = dist.get_rank() if world > 1 else 0
-    return Context(rank, world, torch.device(device), owns)
+    return Context(rank, world, resolve_device(device), owns)
 
 
 def teardown(ctx: Context) -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from imvec.finetune.data import ImageDataset, LabeledImages
+from imvec._io import atomic_path
+from imvec.finetune.data import PIXELS, ImageDataset, LabeledImages
 from imvec.finetune.distributed import Context, barrier
 from imvec.module import Module
 
@@ -40,7 +41,7 @@ def cache_key(base: Module, images: LabeledImages, size: tuple[int, int], views:
         stamp = [stat.st_size, stat.st_mtime_ns]
     spec = dict(source=source, stamp=stamp, hparams=dict(base.hparams), size=list(size),
                 views=views, seed=seed, central_fraction=central_fraction,
-                paths=list(images.paths), labels=list(images.labels))
+                paths=list(images.paths), labels=list(images.labels), pixels=PIXELS)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -77,9 +78,8 @@ def cached_features(
         indices = range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(images)))
         features, labels = _compute(base, dataset, list(indices), batch_size, workers, ctx,
                                     autocast)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"features": features, "labels": labels}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path, durable=False) as tmp:  # recomputed if lost: no fsync
+            save_file({"features": features, "labels": labels}, str(tmp))
     barrier(ctx)
     per_view = []
     labels = torch.empty(0, dtype=torch.long)
@@ -103,7 +103,7 @@ def _compute(base: Module, dataset: ImageDataset, indices: list[int], batch_size
                                          num_workers=workers)
     features, labels = [], []
     for images, label, _ in loader:
-        x = images.to(ctx.device, non_blocking=True).float().div_(255.0)
+        x = images.to(ctx.device, non_blocking=True)  # float32 in [0, 1]: the module's input
         with autocast():
             features.append(base(x).float().cpu())
         labels.append(label)

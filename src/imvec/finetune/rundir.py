@@ -4,7 +4,9 @@
 ``metrics.csv`` / ``metrics.json`` / ``metrics.png``, ``cache/`` (head-mode features),
 ``skipped_images.txt`` (if any image could not be decoded) and, at the end,
 ``model.safetensors``. An existing run is never overwritten: it is resumed with
-``resume=True`` (and the same job), or the new run goes elsewhere.
+``resume=True`` (and the same job), or the new run goes elsewhere. A run that never
+completed an epoch (no checkpoint: its start failed or was cut short) is no run: any job
+may start afresh there.
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ def open_run(config: FinetuneConfig) -> dict[str, Any] | None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir} exists and is not a directory; choose another -o")
     saved_config = run_dir / CONFIG
-    if saved_config.is_file():
+    started = (run_dir / CHECKPOINT).is_file() or (run_dir / MODEL).is_file()
+    if saved_config.is_file() and started:
         if not config.resume:
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume (same "
                              "options), or choose a new -o")
-        saved = json.loads(saved_config.read_text())
+        try:
+            saved = json.loads(saved_config.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{saved_config} is damaged ({exc}); restore it, or choose a new "
+                             "-o") from None
         changed = config.differences(saved)
         if changed:
             raise ValueError(f"--resume with other options than the run in {run_dir}: "
                              + "; ".join(changed))
-    elif run_dir.is_dir() and any(p.name != "cache" for p in run_dir.iterdir()):
+    elif (not saved_config.is_file() and run_dir.is_dir()
+          and any(p.name != "cache" for p in run_dir.iterdir())):
         raise ValueError(f"{run_dir} is not empty and holds no imvec run; choose a new or "
                          "empty -o")
     checkpoint = run_dir / CHECKPOINT
@@ -44,8 +52,9 @@ def open_run(config: FinetuneConfig) -> dict[str, Any] | None:
 
 
 def record_job(config: FinetuneConfig) -> None:
-    """Write ``config.json`` for a new run (one process, after every process checked)."""
+    """Write ``config.json`` for a run that has not completed an epoch yet (one process,
+    once the job has started: data read, model loaded)."""
     run_dir = Path(config.output)
-    if not (run_dir / CONFIG).is_file():
+    if not (run_dir / CHECKPOINT).is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")

@@ -173,7 +173,7 @@ class FullTask:
         yield from self.val_loader
 
     def logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        images = inputs.to(self.ctx.device, non_blocking=True).float().div_(255.0)
+        images = inputs.to(self.ctx.device, non_blocking=True)  # float32 in [0, 1]
         return model(images)
 
     def train(self, mode: bool) -> None:

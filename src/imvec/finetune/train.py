@@ -2,8 +2,11 @@
 
 Each epoch ends with a checkpoint, metrics and plot, all written atomically, so a crash
 costs at most the epoch in progress and ``resume=True`` continues exactly where the last
-checkpoint left off. On CUDA the forward passes run under autocast (bf16 where the GPU
-supports it, else fp16 with loss scaling).
+checkpoint left off. On CUDA the forward passes run under autocast (bfloat16 where the GPU
+supports it, else float16 with loss scaling). Dropout and drop-path masks come from a
+training RNG of their own (:class:`~imvec.finetune.state.TrainingRNG`): the same job gives
+the same weights whether features were cached or engines built before, and a resumed run
+equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from imvec.finetune.distributed import Context, all_gather_objects, barrier, sum
 from imvec.finetune.metrics import write_metrics
 from imvec.finetune.model import save_classifier
 from imvec.finetune.rundir import CHECKPOINT, MODEL, open_run, record_job
-from imvec.finetune.state import atomic_write_text, get_rng_state, save_checkpoint, set_rng_state
+from imvec.finetune.state import TrainingRNG, atomic_write_text, save_checkpoint
 from imvec.finetune.tasks import FullTask, HeadTask
 from imvec.loader import load
 from imvec.module import Module
@@ -76,9 +79,9 @@ def load_base(model: str, pretrained: bool = True) -> Module:
 
 
 def _autocast(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    if precision == "fp32":
+    if precision == "float32":
         return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = getattr(torch, precision)
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
@@ -86,8 +89,8 @@ def _precision(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
     if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -141,8 +144,6 @@ class _Trainer:
         c, ctx = self.config, self.ctx
         state = open_run(c)
         barrier(ctx)
-        if ctx.is_main:
-            record_job(c)
         train, val = self._data()
         self.train_images, self.val_images = train, val
         classes = train.class_names
@@ -150,16 +151,19 @@ class _Trainer:
             if ctx.is_main:
                 log.info("%s is complete (%d epochs)", self.run_dir, state["epoch"])
             return RunResult(self.run_dir, self.run_dir / MODEL, classes, state["metrics"])
-        torch.manual_seed(c.seed + ctx.rank)
+        torch.manual_seed(c.seed + ctx.rank)  # the head's init; masks use self.rng
+        self.rng = TrainingRNG(c.seed + ctx.rank, ctx.device)
         base = load_base(c.model, c.pretrained)
         size = self._image_size(base)
         task_type = HeadTask if c.mode == "head" else FullTask
         task = task_type(c, ctx, base, train, val, size, self.autocast)
+        if ctx.is_main:  # only now: a start that fails before this leaves no run behind
+            record_job(c)
         optimizer = _optimizer(task.model, c)
         steps = task.steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _schedule(c.epochs * steps, round(c.warmup_epochs * steps)))
-        scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "float16")
         history: list[dict[str, Any]] = []
         start = 0
         if state:
@@ -219,17 +223,20 @@ class _Trainer:
                 if not bool(valid.all()):
                     images = self.train_images if training else self.val_images
                     self.skipped.update(images.paths[i] for i in indices[~valid.cpu()].tolist())
-                with self.autocast():
-                    logits = task.logits(model, inputs)
-                loss_sum = criterion(logits.float(), labels)
-                count = valid.sum()
-                if training:
-                    loss = loss_sum / count.clamp(min=1)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
+                # the step's dropout / drop-path masks (forward and any recomputation in
+                # backward) come from the training RNG only
+                with self.rng.active() if training else nullcontext():
+                    with self.autocast():
+                        logits = task.logits(model, inputs)
+                    loss_sum = criterion(logits.float(), labels)
+                    count = valid.sum()
+                    if training:
+                        loss = loss_sum / count.clamp(min=1)
+                        optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        scheduler.step()
                 correct = ((logits.argmax(1) == labels) & valid).sum()
                 totals += torch.stack([loss_sum.detach().double(), correct.double(),
                                        count.double()])
@@ -240,17 +247,17 @@ class _Trainer:
 
     def _restore_rng(self, states: list[dict[str, Any]], start: int) -> None:
         if len(states) == self.ctx.world_size:
-            set_rng_state(states[self.ctx.rank])
+            self.rng.load_state_dict(states[self.ctx.rank])
             return
         log.warning("the run was checkpointed with %d processes, now %d: it continues, but "
                     "dropout masks differ from an uninterrupted run", len(states),
                     self.ctx.world_size)
-        torch.manual_seed(self.config.seed + 1000 * start + self.ctx.rank)
+        self.rng = TrainingRNG(self.config.seed + 1000 * start + self.ctx.rank, self.ctx.device)
 
     def _checkpoint(self, task: HeadTask | FullTask, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, history: list[dict[str, Any]],
                     summary: dict[str, Any]) -> None:
-        rng = all_gather_objects(get_rng_state(), self.ctx)
+        rng = all_gather_objects(self.rng.state_dict(), self.ctx)
         skipped = set().union(*all_gather_objects(sorted(self.skipped), self.ctx))
         self.skipped = skipped
         if self.ctx.is_main:

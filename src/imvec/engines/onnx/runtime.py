@@ -7,14 +7,18 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 
+from imvec._io import atomic_path
 from imvec.engines.fast import fast_network
 from imvec.engines.fusion import portable_ops
 from imvec.engines.onnx.cache import cache_path, prune_onnx_cache
@@ -27,20 +31,47 @@ from imvec.engines.onnx.graphs import (
     example_input,
     export_onnx,
 )
+from imvec.engines.threads import allow_spinning, compute_threads
 
 __all__ = ["OnnxRuntimeNet", "onnxruntime_session"]
+
+_EXPORT_LOCK = threading.RLock()
+EXPORT_WAIT_S = 900  # how long a process waits for another's export of the same entry
+
+
+@contextlib.contextmanager
+def _cache_entry_lock(cached: Path | None) -> Iterator[None]:
+    """Held while one process looks up or exports a cache entry; where the cache cannot be
+    locked (read-only, or another process holds it too long) each process just exports."""
+    if cached is None:
+        yield
+        return
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cached.with_name(f".{cached.name}.lock")), timeout=EXPORT_WAIT_S)
+        lock.acquire()
+    except (OSError, Timeout):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def onnxruntime_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session with all graph optimizations and ``threads`` intra-op
-    threads (default: PyTorch's thread count, i.e. the physical cores)."""
+    threads (default: the thread policy's, :func:`imvec.engines.threads.compute_threads`),
+    whose idle threads sleep unless ``$IMVEC_ALLOW_SPINNING=1``."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError(f"the onnxruntime engine needs {INSTALL}") from e
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = threads or compute_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning",
+                                     "1" if allow_spinning() else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -69,14 +100,26 @@ class OnnxRuntimeNet:
 
     def _session(self, pre_logits: bool, size: tuple[int, int], unit_range: bool) -> Any:
         key = (pre_logits, *size, unit_range)
-        if key not in self._sessions:
-            cached = cache_path(self.net, pre_logits, size, unit_range)
+        session = self._sessions.get(key)
+        if session is None:
+            # threads: one export at a time in a process (torch's exporter keeps global
+            # state), and the others then find the session made
+            with _EXPORT_LOCK:
+                session = self._sessions.get(key)
+                if session is None:
+                    session = self._sessions[key] = self._load_or_export(pre_logits, size,
+                                                                           unit_range)
+        return session
+
+    def _load_or_export(self, pre_logits: bool, size: tuple[int, int], unit_range: bool) -> Any:
+        cached = cache_path(self.net, pre_logits, size, unit_range)
+        with _cache_entry_lock(cached):  # processes: one exports, the others load its file
             if cached is not None and cached.is_file():
                 try:
-                    self._sessions[key] = onnxruntime_session(cached, self.threads)
+                    session = onnxruntime_session(cached, self.threads)
                     with contextlib.suppress(OSError):
                         os.utime(cached)  # recently used: pruned last
-                    return self._sessions[key]
+                    return session
                 except Exception:  # noqa: BLE001 (a damaged cache entry: export again)
                     cached.unlink(missing_ok=True)
             with tempfile.TemporaryDirectory() as tmp:
@@ -89,20 +132,19 @@ class OnnxRuntimeNet:
                     warnings.simplefilter("ignore")
                     export_onnx(graph, example, "x", False, path, ONNX_OPSET)
                 align_for_this_cpu(path)
-                self._sessions[key] = onnxruntime_session(path, self.threads)
+                session = onnxruntime_session(path, self.threads)
                 if cached is not None:
                     try:
                         cached.parent.mkdir(parents=True, exist_ok=True)
-                        partial = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-                        shutil.copyfile(path, partial)
-                        os.replace(partial, cached)
+                        with atomic_path(cached, durable=False) as partial:
+                            shutil.copyfile(path, partial)
                         prune_onnx_cache(cached.parent, keep=cached)
                     except OSError:  # a read-only or full cache only costs the next export
                         pass
                     except ValueError as exc:  # a bad limit must not cost the export
                         warnings.warn(f"{exc}; the ONNX cache was not pruned", RuntimeWarning,
                                       stacklevel=2)
-        return self._sessions[key]
+        return session
 
     def __call__(self, x: torch.Tensor, end_points: dict | None = None,
                  pre_logits: bool = False, unit_range: bool = False) -> torch.Tensor:
