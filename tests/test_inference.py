@@ -10,7 +10,6 @@ import torch
 from conftest import FIXTURES, TF_FIXTURES, assert_close
 
 import imvec
-from imvec._system import trim_allocator, tune_allocator
 from imvec.engines import fusion
 from imvec.engines.fast import FastMobileNetV1, FastNASNetwork, fast_network
 from imvec.engines.graph import InferenceGraph, onnxruntime_available, optimize
@@ -263,10 +262,16 @@ def _glibc_with_mallinfo2() -> bool:
 
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc >= 2.33 (mallinfo2) only")
 def test_tune_allocator_is_reversible():
-    from imvec._system import _ALLOCATOR_TUNED
+    """Run in a fresh process: a long-lived test process's heap (free chunks left by earlier
+    tests) could serve the probe blocks whatever the settings."""
+    import inspect
+    import subprocess
+    import sys
+    import textwrap
 
-    was_tuned = _ALLOCATOR_TUNED[0]
-    try:
+    probe = textwrap.dedent(inspect.getsource(_mapped_bytes_of_a_fresh_block))
+    script = probe + textwrap.dedent("""
+        from imvec._system import _ALLOCATOR_TUNED, trim_allocator, tune_allocator
         assert tune_allocator(True) is True and _ALLOCATOR_TUNED[0]
         assert _mapped_bytes_of_a_fresh_block() == 0  # kept in the heap, reused
         assert tune_allocator(False) is True and not _ALLOCATOR_TUNED[0]
@@ -276,8 +281,11 @@ def test_tune_allocator_is_reversible():
         trim_allocator()
         assert _mapped_bytes_of_a_fresh_block(4 << 20) >= 4 << 20  # above `largest`: mapped
         assert _mapped_bytes_of_a_fresh_block(512 << 10) == 0  # below it: heap
-    finally:
-        tune_allocator(was_tuned)
+        print("ok")
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_fold_batch_norm_by_hand():
