@@ -1,5 +1,7 @@
-"""The README's test command is the one CI runs; its quick-start example works."""
+"""The README's test command is the one CI runs; its quick-start example works; it stays a
+short overview whose links lead somewhere."""
 
+import re
 import runpy
 import subprocess
 import sys
@@ -26,3 +28,21 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "imvec.cli", "models", "*mobilenet*"],
                             capture_output=True, text=True, check=True)
     assert "mobilenet_v1_050_160/feature_vector/3" in result.stdout
+
+
+def test_readme_is_an_overview_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250, "move details to docs/ and link them"
+    targets = [t for t in re.findall(r"\]\(([^)#\s]+)[^)]*\)", readme) if "://" not in t]
+    assert "docs/quickstart.md" in targets and "LICENSE" in targets
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_main_job_command_is_the_same_in_readme_and_docs():
+    def main_job(text: str) -> list[str]:
+        return [line for line in text.splitlines() if "examples/make_demo.py demo" in line]
+
+    readme = main_job((ROOT / "README.md").read_text())
+    assert len(readme) == 1 and "imvec extract demo/images" in readme[0]
+    assert main_job((ROOT / "docs" / "quickstart.md").read_text()) == readme
