@@ -59,7 +59,8 @@ def load(
     values (the default, which the TF-Hub modules hold; docs/weights.md).
 
     ``engine`` picks how a ``trainable=False`` module runs (see :mod:`imvec.engines`):
-    "fast" (default: BN folded, fused, channels_last), "compile", "onnxruntime" or
+    "auto" (the default: "onnxruntime" where installed, else "fast"; ``$IMVEC_ENGINE``
+    overrides it), "fast" (BN folded, fused, channels_last), "compile", "onnxruntime" or
     "faithful"; ``variable_map`` always shows the original, unfolded variables.
     ``precision="bfloat16"`` runs the fast or compiled engine in bfloat16: float32 in and
     out, ~0.4% error in the features (cosine >= 0.99999 to TF's), faster where the CPU has
