@@ -469,8 +469,10 @@ def _add_extract_parser(sub: Any) -> None:
         "(id, path, feature). Rerunning the same command after a crash continues where it "
         "stopped; images that cannot be read go to OUT.errors.csv without stopping the job.")
     extract.add_argument("inputs", nargs="+", metavar="INPUT",
-                         help="folder (recursive), glob, text file of paths, or Parquet/CSV "
-                         "table with a path column")
+                         help="folder (recursive), glob, text file of paths, Parquet/CSV "
+                         "table with a path column, URL (s3://bucket/prefix/, gs://...), "
+                         "WebDataset .tar shards ('shards/{00000..00099}.tar'), or an "
+                         "img2dataset output folder")
     _add_model(extract, "handle, short name or .safetensors file (as imvec.load)")
     extract.add_argument("-o", "--output", required=True,
                          help="output .parquet (or .npy), or a folder: a sharded dataset")

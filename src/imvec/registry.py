@@ -38,9 +38,12 @@ SLIM_MODELS = "https://storage.googleapis.com/download.tensorflow.org/models/"
 
 @dataclass(frozen=True)
 class Mirror:
-    """One place the weights can be fetched from. ``sha256``/``size`` are None while unknown
-    (never downloaded by us yet); the store then records what it got. ``note`` says what is
-    confirmed about the URL and what is not."""
+    """One place the weights can be fetched from. ``sha256``/``size`` are None where no value
+    is public (the store then records what it got). ``confidence`` says how sure it is that
+    the URL serves these weights (CONFIRMED, LIKELY or UNKNOWN, see docs/weights.md);
+    ``values`` what the file holds: "raw" values, "ema" (moving averages under the plain
+    names), "both" (a TF-Slim checkpoint with ``X/ExponentialMovingAverage`` twins: raw are
+    used unless EMA is asked for) or "unknown"."""
 
     url: str
     kind: str  # "hub_tf1" (TF1 hub module tar.gz), "slim_tarball" (TF-Slim checkpoint) or
@@ -48,6 +51,8 @@ class Mirror:
     sha256: str | None = None
     size: int | None = None
     note: str = ""
+    confidence: str = "UNKNOWN"
+    values: str = "unknown"
 
 
 @dataclass(frozen=True)
@@ -119,13 +124,19 @@ def _signatures(variant: str, version: int) -> tuple[str, ...]:
     return ("default", *base, *twins)
 
 
+def _slim(path: str, confidence: str = "UNKNOWN", sha256: str | None = None,
+          size: int | None = None, note: str = "") -> Mirror:
+    return Mirror(SLIM_MODELS + path, "slim_tarball", sha256, size, note or "URL from the "
+                  "TF-Slim README; whether it is still served is unknown", confidence, "both")
+
+
 _FAMILIES: list[dict[str, Any]] = [
     dict(short="amoebanet_a_n18_f448", version=1, network="amoebanet_a", hparams={},
          input_size=331, variable=False, num_features=7168,
          architecture="AmoebaNet-A (N=18, F=448)", checkpoint="(none public: trained with "
          "tensorflow/tpu amoeba_net and exported by its tf_hub.py)",
          paper="Real et al., Regularized Evolution for Image Classifier Architecture Search, "
-         "https://arxiv.org/abs/1802.01548", slim=None, kaggle=("amoebanet", "a-n18-f448"),
+         "https://arxiv.org/abs/1802.01548", slim=(), kaggle=("amoebanet", "a-n18-f448", (1,)),
          tf2=None,
          stats={"params (M)": 468.6, "top-1": "83.9% (paper, unconfirmed)"}),
     dict(short="nasnet_large", version=1, network="nasnet_large", hparams={},
@@ -134,7 +145,8 @@ _FAMILIES: list[dict[str, Any]] = [
          checkpoint="nasnet-a_large_04_10_2017/model.ckpt",
          paper="Zoph et al., Learning Transferable Architectures for Scalable Image "
          "Recognition, https://arxiv.org/abs/1707.07012",
-         slim="nasnet-a_large_04_10_2017.tar.gz", kaggle=("nasnet", "large"), tf2=5,
+         slim=(_slim("nasnet-a_large_04_10_2017.tar.gz"),), kaggle=("nasnet", "large", (1,)),
+         tf2=5,
          stats={"params (M)": 88.9, "mult-adds (M)": 23800, "top-1": "82.7%", "top-5": "96.2%"}),
     dict(short="pnasnet_large", version=1, network="pnasnet_large", hparams={},
          input_size=331, variable=False, num_features=4320,
@@ -142,7 +154,8 @@ _FAMILIES: list[dict[str, Any]] = [
          checkpoint="pnasnet-5_large_2017_12_13/model.ckpt",
          paper="Liu et al., Progressive Neural Architecture Search, "
          "https://arxiv.org/abs/1712.00559",
-         slim="pnasnet-5_large_2017_12_13.tar.gz", kaggle=("pnasnet", "large"), tf2=5,
+         slim=(_slim("pnasnet-5_large_2017_12_13.tar.gz"),), kaggle=("pnasnet", "large", (1,)),
+         tf2=5,
          stats={"top-1": "82.9%", "top-5": "96.2%"}),
     dict(short="nasnet_mobile", version=3, network="nasnet_mobile", hparams={},
          input_size=224, variable=False, num_features=1056,
@@ -150,7 +163,8 @@ _FAMILIES: list[dict[str, Any]] = [
          checkpoint="nasnet-a_mobile_04_10_2017/model.ckpt",
          paper="Zoph et al., Learning Transferable Architectures for Scalable Image "
          "Recognition, https://arxiv.org/abs/1707.07012",
-         slim="nasnet-a_mobile_04_10_2017.tar.gz", kaggle=("nasnet", "mobile"), tf2=5,
+         slim=(_slim("nasnet-a_mobile_04_10_2017.tar.gz"),),
+         kaggle=("nasnet", "mobile", (2, 1)), tf2=5,
          stats={"params (M)": 5.3, "mult-adds (M)": 564, "top-1": "74.0%", "top-5": "91.6%"}),
     dict(short="mobilenet_v1_050_160", version=3, network="mobilenet_v1",
          hparams={"depth_multiplier": 0.5}, input_size=160, variable=True, num_features=512,
@@ -158,50 +172,47 @@ _FAMILIES: list[dict[str, Any]] = [
          checkpoint="mobilenet_v1_2018_02_22/mobilenet_v1_0.5_160/mobilenet_v1_0.5_160.ckpt",
          paper="Howard et al., MobileNets: Efficient Convolutional Neural Networks for Mobile "
          "Vision Applications, https://arxiv.org/abs/1704.04861",
-         slim="mobilenet_v1_2018_02_22/mobilenet_v1_0.5_160.tgz",
-         kaggle=("mobilenet-v1", "050-160"), tf2=5,
+         slim=(_slim("mobilenet_v1_2018_02_22/mobilenet_v1_0.5_160.tgz", "LIKELY",
+                     "fb01b76ca1fb053e5f98d297e21c6c53d0d9f6a8b02ad2e88ac22b33b2adf729",
+                     note="sha256 from two independent public build recipes"),
+               _slim("mobilenet_v1_2018_08_02/mobilenet_v1_0.5_160.tgz", "LIKELY",
+                     size=29_958_343, note="a repack of the same checkpoint (members under "
+                     "./); size and sha384 7023a17e...ef88b from the OpenVINO model zoo")),
+         kaggle=("mobilenet-v1", "050-160", (2, 1)), tf2=5,
          stats={"params (M)": 1.34, "mult-adds (M)": 77, "top-1": "59.1%", "top-5": "81.9%"}),
 ]
 
 
-# Where the weights live (researched 2026-11; see docs/readme/weights.md). No sha256 is pinned:
-# none has been published for these files and none was measured here (no internet); the store
-# records the sha256 of whatever it downloads. What is confirmed, and what is not:
-# - tfhub.dev/<handle>?tf-hub-format=compressed answers 302 to a signed storage.googleapis.com
-#   tarball since tfhub.dev moved to Kaggle Models (Nov 2023): observed for google/yamnet/1 by
-#   a third party in 2026-09; not observed for these handles. The old GCS mirror
-#   storage.googleapis.com/tfhub-modules/<handle>.tar.gz answers 403 (same observation), so it
-#   is not listed.
-# - Kaggle's public download endpoint www.kaggle.com/api/v1/models/<owner>/<model>/<framework>/
-#   <variation>/<version>/download served a model without authentication (same observation).
-#   The model slug and variation names below follow Kaggle's naming of these models' TF2
-#   versions (google/nasnet/tensorFlow2/mobile-classification and google/mobilenet-v1/
-#   tensorFlow2/025-224-feature-vector exist); the tensorFlow1 variations and their version
-#   numbers (taken equal to the TF-Hub version) are UNCONFIRMED.
-# - TF-Slim tarballs: URLs from the TF-Slim / NASNet / MobileNet READMEs; still served today:
-#   unconfirmed. AmoebaNet-A has none.
-# - TF2 SavedModels (TF-Hub version 5 of four of the modules, via the same tfhub.dev redirect):
-#   the versions exist (TF-Hub docs); that their variable names are the TF1 names is
-#   unconfirmed, so they come last.
+# Where the weights live: docs/weights.md and ../shared/reference/weight-sources.md give the
+# evidence for each source and its confidence. In short: tfhub.dev answers 302 to Kaggle's
+# signed GCS bundle (LIKELY for these handles); Kaggle numbers each TF1 variation's versions
+# 1..n, so TF-Hub versions {1, 3} are Kaggle versions {1, 2} (CONFIRMED for sibling modules,
+# LIKELY here; both were exported from the same checkpoint) and a missing version answers 403;
+# the TF-Slim tarballs hold raw values and EMA twins; the TF2 SavedModels' variable names are
+# UNKNOWN, so they come last. AmoebaNet's module holds EMA values under plain names.
 _KAGGLE_API = "https://www.kaggle.com/api/v1/models/google"
 
 
 def _mirrors(family: dict[str, Any], variant: str, handle: str) -> list[Mirror]:
+    values = "ema" if family["network"] == "amoebanet_a" else "raw"
     mirrors = [Mirror(f"https://tfhub.dev/{handle}?tf-hub-format=compressed", "hub_tf1",
-                      note="redirect to Kaggle's GCS bucket confirmed for other handles")]
-    model, variation = family["kaggle"]
-    mirrors.append(Mirror(
-        f"{_KAGGLE_API}/{model}/tensorFlow1/{variation}-{variant.replace('_', '-')}/"
-        f"{family['version']}/download", "hub_tf1",
-        note="endpoint pattern confirmed; variation name and version unconfirmed"))
-    if family["slim"]:
-        mirrors.append(Mirror(SLIM_MODELS + family["slim"], "slim_tarball",
-                              note="URL from the TF-Slim README; still served: unconfirmed"))
+                      note="302 to Kaggle's signed GCS bundle, seen for other handles in 2026",
+                      confidence="LIKELY", values=values)]
+    model, variation, versions = family["kaggle"]
+    for version in versions:
+        sure = "CONFIRMED" if (model, variant, version) == (
+            "amoebanet", "classification", 1) else "LIKELY"
+        mirrors.append(Mirror(
+            f"{_KAGGLE_API}/{model}/tensorFlow1/{variation}-{variant.replace('_', '-')}/"
+            f"{version}/download", "hub_tf1", confidence=sure, values=values,
+            note=f"Kaggle TF1 version {version} (TF-Hub v1 and v3 came from one checkpoint); "
+            "Kaggle answers 403 for a version that does not exist"))
+    mirrors.extend(family["slim"])
     if family["tf2"]:
         mirrors.append(Mirror(
             f"https://tfhub.dev/google/imagenet/{family['short']}/{variant}/{family['tf2']}"
             "?tf-hub-format=compressed", "saved_model_tf2",
-            note="TF2 version of the module; its variable names are unconfirmed"))
+            note="TF2 version of the module; its variable names are unknown"))
     return mirrors
 
 

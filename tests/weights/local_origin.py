@@ -1,8 +1,11 @@
-"""A real HTTP server on 127.0.0.1 for download tests: files with Range support, redirects,
-error statuses, a connection dropped mid-file, a stall; it logs every request it gets."""
+"""A real HTTP server on 127.0.0.1 for download tests, behaving as GCS and Kaggle do: files
+with Range, ETag, Last-Modified and If-Range support, redirects (to signed URLs with a query
+string), error statuses, a connection dropped mid-file, a stall, a drip, a file replaced
+between requests; it logs every request it gets."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import threading
@@ -21,6 +24,10 @@ class Route:
     drops: int = 0  # ... this many times
     honour_range: bool = True
     chunk_delay: float = 0.0  # file: seconds between 64 KiB chunks (keeps downloads overlapping)
+    drip: float = 0.0  # file: send one byte per this many seconds (a server dripping bytes)
+    honour_if_range: bool = True  # False: a server that resumes whatever changed
+    version: int = 1  # file: bumped by Origin.replace (ETag and Last-Modified follow it)
+    then: bytes | None = None  # file: the content after the (last) dropped connection
 
 
 class Origin:
@@ -79,6 +86,15 @@ class Origin:
         self.routes[path] = Route("status", code=code)
         return self.url(path)
 
+    def replace(self, path: str, data: bytes) -> None:
+        """The file at ``path`` changes (new ETag and Last-Modified), as a re-upload does."""
+        with self._lock:
+            route = self.routes[path]
+            route.data, route.version = data, route.version + 1
+
+    def drip(self, path: str, data: bytes, seconds_per_byte: float) -> str:
+        return self.file(path, data, drip=seconds_per_byte)
+
     def stall(self, path: str, seconds: float) -> str:
         self.routes[path] = Route("stall", code=int(seconds * 1000))
         return self.url(path)
@@ -123,21 +139,36 @@ class Origin:
 
     def _file(self, handler: BaseHTTPRequestHandler, route: Route, body: bool) -> None:
         data, start = route.data, 0
-        match = re.match(r"bytes=(\d+)-$", handler.headers.get("Range", ""))
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        modified = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(1e9 + route.version))
+        match = re.match(r"bytes=(\d+)-(\d*)$", handler.headers.get("Range", ""))
+        if_range = handler.headers.get("If-Range")
+        if if_range and route.honour_if_range and if_range not in (etag, modified):
+            match = None  # RFC 9110: the file changed, so the whole new file, with 200
         if match and route.honour_range:
             start = int(match.group(1))
             if start >= len(data):
                 return self._plain(handler, 416, b"")
+            end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
             handler.send_response(206)
-            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            handler.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            data = data[:end + 1]
         else:
             handler.send_response(200)
         handler.send_header("Content-Length", str(len(data) - start))
         handler.send_header("Accept-Ranges", "bytes")
+        handler.send_header("ETag", etag)
+        handler.send_header("Last-Modified", modified)
         handler.end_headers()
         if not body:
             return None
         payload = data[start:]
+        if route.drip:
+            for i in range(len(payload)):
+                handler.wfile.write(payload[i:i + 1])
+                handler.wfile.flush()
+                time.sleep(route.drip)
+            return None
         with self._lock:
             drop = route.drop_after is not None and route.drops > 0
             if drop:
@@ -145,6 +176,8 @@ class Origin:
         if drop:
             handler.wfile.write(payload[:route.drop_after])
             handler.wfile.flush()
+            if route.then is not None and route.drops == 0:
+                self.replace(handler.path.split("?", 1)[0], route.then)
             handler.connection.shutdown(socket.SHUT_RDWR)
             handler.close_connection = True
             return None

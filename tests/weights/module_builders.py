@@ -55,6 +55,23 @@ def hub_archive(tmp: Path, logits: bool = False, name: str = "module") -> bytes:
     return tar_directory(module, tmp / f"{name}.tar.gz")
 
 
+def slim_tarball(tmp_path: Path, num_shards: int = 3) -> tuple:
+    """Like a TF-Slim release: a top-level folder, the checkpoint in several shards, raw
+    values (the reference weights) and EMA twins that differ from them."""
+    tensors = fixture_tensors()
+    ema = {}
+    for name, value in tensors.items():
+        if value.dtype == np.float32 and not name.endswith(("moving_mean", "moving_variance")):
+            ema[name + "/ExponentialMovingAverage"] = value * np.float32(1.1)
+    folder = tmp_path / "nasnet-a_mobile_04_10_2017"
+    write_checkpoint(folder / "model.ckpt", {**tensors, **ema, "global_step": np.int64(7)},
+                     num_shards=num_shards)
+    (folder / "model.ckpt.meta").write_bytes(b"graph, never read")
+    archive = tmp_path / "nasnet-a_mobile_04_10_2017.tar.gz"
+    tar_directory(folder, archive, root=folder.name)
+    return archive, ema
+
+
 def malicious_tar(path: Path, *members: tarfile.TarInfo, payload: bytes = b"x") -> Path:
     """A tar.gz with a harmless first file, then ``members`` (regular ones get ``payload``)."""
     with tarfile.open(path, "w:gz") as tar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import zipfile
 
 import pytest
 from module_builders import hub_archive, malicious_tar, member
@@ -82,6 +83,77 @@ def test_not_an_archive(tmp_path):
     bogus = tmp_path / "x.tar.gz"
     bogus.write_bytes(b"<html>403 Forbidden</html>")
     assert not is_archive(bogus)
-    with pytest.raises(ImvecError, match="not a readable tar archive"):
+    with pytest.raises(ImvecError, match="not a readable tar or zip archive") as info:
         extract(bogus, tmp_path / "out")
+    assert "\n" not in str(info.value)  # one line
     assert not (tmp_path / "out").exists()
+
+
+def chained_links(path):
+    """Each link looks safe alone (its target, normalised, stays inside), but ``up`` is
+    listed before the link it goes through, so that link does not exist yet when ``up`` is
+    checked on disk: once all are unpacked, ``leak`` reads a file beside the archive's root."""
+    return malicious_tar(path,
+                         member("up", tarfile.SYMTYPE, "d/l1/.."),
+                         member("d/l1", tarfile.SYMTYPE, ".."),
+                         member("leak", tarfile.SYMTYPE, "up/secret.txt"))
+
+
+@pytest.mark.parametrize("outside_exists", [True, False])
+def test_symlink_chains_cannot_escape_and_the_error_reveals_nothing(tmp_path, outside_exists):
+    work = tmp_path / "work"
+    work.mkdir()
+    if outside_exists:
+        (work / "secret.txt").write_text("local secret")
+    archive = chained_links(tmp_path / "chain.tar.gz")
+    with pytest.raises(UnsafeArchiveError, match="Nothing was extracted") as info:
+        extract(archive, work / "out")
+    assert not (work / "out").exists()
+    message = str(info.value)
+    assert "secret" not in message.replace("up/secret.txt", "")  # only the archive's own text
+    expected = ("refused {a}: 2 unsafe member(s): 'leak': symlink to 'up/secret.txt' leaves "
+                "the archive through other links, 'up': symlink to 'd/l1/..' leaves the "
+                "archive through other links.")
+    assert message.startswith(expected.format(a=archive))
+
+
+def test_hard_link_through_a_symlink_is_refused(tmp_path):
+    archive = malicious_tar(tmp_path / "h.tar.gz", member("d", tarfile.SYMTYPE, "."),
+                            member("h", tarfile.LNKTYPE, "d/model.ckpt.index"))
+    with pytest.raises(UnsafeArchiveError, match="hard link"):
+        check_members(archive)
+
+
+def test_link_loops_are_refused(tmp_path):
+    archive = malicious_tar(tmp_path / "l.tar.gz", member("a", tarfile.SYMTYPE, "b"),
+                            member("b", tarfile.SYMTYPE, "a"))
+    with pytest.raises(UnsafeArchiveError, match="loop"):
+        check_members(archive)
+
+
+def zip_of(path, entries: dict) -> bytes:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            if isinstance(data, zipfile.ZipInfo):
+                zf.writestr(data, b"etc/passwd")
+            else:
+                zf.writestr(name, data)
+    return path.read_bytes()
+
+
+def test_zip_bundles_extract_like_tars(tmp_path):
+    archive = tmp_path / "bundle.zip"
+    zip_of(archive, {"variables/variables.index": b"abc", "saved_model.pb": b"pb"})
+    assert is_archive(archive)
+    out = extract(archive, tmp_path / "out")
+    assert (out / "variables" / "variables.index").read_bytes() == b"abc"
+
+
+def test_unsafe_zips_are_refused_whole(tmp_path):
+    link = zipfile.ZipInfo("link")
+    link.external_attr = (0o120777 << 16)
+    archive = tmp_path / "evil.zip"
+    zip_of(archive, {"ok": b"1", "../evil": b"2", "link": link})
+    with pytest.raises(UnsafeArchiveError, match="2 unsafe member.*Nothing was extracted"):
+        extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()

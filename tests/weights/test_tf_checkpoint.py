@@ -180,10 +180,9 @@ def test_two_shards(tmp_path):
     for k, v in tensors.items():
         np.testing.assert_array_equal(result[k], v, k)
     (tmp_path / shards[1]).unlink()
-    with CheckpointReader(tmp_path / "ckpt") as reader:
-        reader.read("v0")  # shard 0 is still readable: shards are opened lazily
-        with pytest.raises(CheckpointError, match="missing data shard ckpt.data-00001-of-00002"):
-            reader.read("v1")
+    # refused when opened: every declared shard must exist (and bounds what the index claims)
+    with pytest.raises(CheckpointError, match="missing data shard ckpt.data-00001-of-00002"):
+        CheckpointReader(tmp_path / "ckpt")
 
 
 def test_reader_accepts_the_index_path_and_returns_owned_arrays(fixture_dir):
@@ -256,7 +255,7 @@ def test_missing_files(nasnet_copy, tmp_path):
 
 
 def _write_index(prefix: Path, entries: dict, **header) -> None:
-    header = tfc._PB["BundleHeaderProto"](num_shards=1, **header).SerializeToString()
+    header = tfc._PB["BundleHeaderProto"](**{"num_shards": 1, **header}).SerializeToString()
     items = [(b"", header)] + [(k.encode(), tfc._PB["BundleEntryProto"](**e).SerializeToString())
                                for k, e in sorted(entries.items())]
     Path(f"{prefix}.index").write_bytes(tfc._build_table(items))
@@ -299,3 +298,48 @@ def test_writer_refuses_bad_input(tmp_path):
         write_checkpoint(tmp_path / "a", {"t": np.array(["2020-01-01"], "datetime64[D]")})
     with pytest.raises(ValueError, match="non-empty"):
         write_checkpoint(tmp_path / "b", {"": np.zeros(1)})
+
+
+# -- a stranger's checkpoint: everything it declares is bounded by the files' real sizes ----
+def _forge(prefix: Path, entry: dict, data: bytes = b"\0" * 64, **header) -> Path:
+    _write_index(prefix, {"t": {"dtype": 1, **entry}}, **header)
+    Path(f"{prefix}.data-00000-of-00001").write_bytes(data)
+    return prefix
+
+
+def _shape(*dims):
+    return tfc._PB["TensorShapeProto"](dim=[tfc._PB["Dim"](size=d) for d in dims])
+
+
+FORGED = {
+    "negative dims": ({"shape": _shape(-1, -1), "size": 4}, "shape"),
+    "overflowing dims": ({"shape": _shape(2**32, 2**32), "size": 0}, "shape"),
+    "huge dims": ({"shape": _shape(2**62), "size": 64}, "shape"),
+    "negative offset": ({"shape": _shape(1), "size": 4, "offset": -4}, "offset"),
+    "offset past the end": ({"shape": _shape(1), "size": 4, "offset": 2**62}, "truncated"),
+    "negative size": ({"shape": _shape(), "size": -4}, "size"),
+    "shard out of range": ({"shape": _shape(1), "size": 4, "shard_id": 7}, "shard"),
+    "string count over size": ({"dtype": 7, "shape": _shape(10**12), "size": 5}, "shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_forged_entries_give_one_checkpoint_error(tmp_path, case):
+    entry, what = FORGED[case]
+    prefix = _forge(tmp_path / "ckpt", entry)
+    with pytest.raises(CheckpointError, match=what) as info:
+        _shape_then_read(prefix)
+    assert info.value.__cause__ is None and info.value.__context__ is None  # one traceback
+    assert "\n" not in str(info.value)
+
+
+def _shape_then_read(prefix: Path) -> None:
+    with CheckpointReader(prefix) as reader:
+        reader.shape("t")  # what a completeness check reads before any data
+        reader.read("t")
+
+
+def test_twenty_million_shards_are_refused_at_once(tmp_path):
+    prefix = _forge(tmp_path / "ckpt", {"shape": _shape(1), "size": 4}, num_shards=20_000_000)
+    with pytest.raises(CheckpointError, match="declares 20000000 data shards.*1 exist"):
+        CheckpointReader(prefix)

@@ -11,6 +11,7 @@ from module_builders import (
     fixture_tensors,
     hub_archive,
     shrink_card,
+    slim_tarball,
     tar_directory,
     write_tf1_hub_module,
 )
@@ -21,7 +22,13 @@ from imvec.cli import main
 from imvec.errors import UnknownHandleError
 from imvec.registry import find_card
 from imvec.weights.convert import read_metadata
-from imvec.weights.sources import EMA_SUFFIX, convert_source, identify, open_source
+from imvec.weights.sources import (
+    EMA_SUFFIX,
+    convert_source,
+    identify,
+    open_source,
+    weights_values,
+)
 from imvec.weights.tf_checkpoint import write_checkpoint
 
 SMALL = FIXTURES / "nasnet_mobile_small"
@@ -75,34 +82,56 @@ def test_tf1_hub_directory_and_its_archive(tmp_path):
     assert not any((tmp_path / "home" / "tmp").iterdir())  # unpacked copy removed
 
 
-def slim_tarball(tmp_path, num_shards=3) -> tuple:
-    """Like a TF-Slim release: a top-level folder, the checkpoint in several shards, and
-    EMA twins holding the real weights while the raw values are off."""
-    tensors = fixture_tensors()
-    ema = {}
-    for name, value in tensors.items():
-        if value.dtype == np.float32 and not name.endswith(("moving_mean", "moving_variance")):
-            ema[name + EMA_SUFFIX] = value
-            tensors[name] = value * np.float32(1.1)
-    folder = tmp_path / "nasnet-a_mobile_04_10_2017"
-    write_checkpoint(folder / "model.ckpt", {**tensors, **ema, "global_step": np.int64(7)},
-                     num_shards=num_shards)
-    (folder / "model.ckpt.meta").write_bytes(b"graph, never read")
-    archive = tmp_path / "nasnet-a_mobile_04_10_2017.tar.gz"
-    tar_directory(folder, archive, root=folder.name)
-    return archive, len(ema)
-
-
-def test_slim_tarball_prefers_the_moving_averages(tmp_path):
-    archive, twins = slim_tarball(tmp_path)
+def test_slim_tarball_gives_raw_values_by_default_and_ema_on_request(tmp_path):
+    archive, ema = slim_tarball(tmp_path)
     with open_source(archive, "nasnet_mobile") as opened:
-        assert opened.tensors.ema_count == twins and opened.layout == "checkpoint"
+        assert opened.tensors.ema_count == 0 and opened.layout == "checkpoint"
+        assert opened.tensors.values == "raw"
         assert not any(k.endswith(EMA_SUFFIX) for k in opened.tensors)
     out = convert(archive, tmp_path)
-    assert_close("EMA weights", features_of(out), EXPECTED["features"])
-    raw = convert(archive, tmp_path, prefer_ema=False)
-    error = np.abs(features_of(raw) - EXPECTED["features"]).max()
-    assert error > 1e-3  # the raw values are really different: the choice matters
+    assert_close("raw weights", features_of(out), EXPECTED["features"])
+    assert read_metadata(out)["weights_values"] == "raw"
+    with open_source(archive, "nasnet_mobile", prefer_ema=True) as opened:
+        assert opened.tensors.ema_count == len(ema)
+    averaged = convert(archive, tmp_path, prefer_ema=True)
+    assert read_metadata(averaged)["weights_values"] == "ema"
+    # the EMA file equals a checkpoint holding only those values under the plain names
+    plain = {**fixture_tensors(), **{k.removesuffix(EMA_SUFFIX): v for k, v in ema.items()}}
+    write_checkpoint(tmp_path / "plain" / "model.ckpt", plain)
+    reference = tensors_of(convert_source(tmp_path / "plain" / "model.ckpt",
+                                          tmp_path / "p.safetensors", arch="nasnet_mobile",
+                                          hparams=HPARAMS))
+    got = tensors_of(averaged)
+    assert got.keys() == reference.keys()
+    assert all(np.array_equal(got[k], reference[k]) for k in reference)
+
+
+def test_ema_asked_of_a_source_without_averages_is_refused(tmp_path):
+    module = write_tf1_hub_module(tmp_path / "module", fixture_tensors())
+    with pytest.raises(imvec.ImvecError, match="holds no /ExponentialMovingAverage copies"):
+        convert(module, tmp_path, prefer_ema=True)
+    assert read_metadata(convert(module, tmp_path))["weights_values"] == "as saved"
+
+
+def test_amoebanet_module_values_are_recorded_as_ema():
+    class Plain:  # a hub module's tensors: one copy, no twins
+        values = "as saved"
+
+    amoeba = find_card("amoebanet_a_n18_f448")
+    assert weights_values(Plain(), amoeba, False).startswith("ema (the module's values")
+    assert weights_values(Plain(), amoeba, True).startswith("ema")
+    assert weights_values(Plain(), find_card("nasnet_mobile"), False) == "as saved"
+
+
+def test_cli_convert_ema_flag(tmp_path, capsys):
+    archive, _ = slim_tarball(tmp_path, num_shards=1)
+    out = tmp_path / "e.safetensors"
+    assert main(["convert", str(archive), "--arch", "nasnet_mobile", "--hparam",
+                 "num_cells=3", "--hparam", "num_conv_filters=12", "--ema", "-o", str(out)]) == 0
+    assert read_metadata(out)["weights_values"] == "ema"
+    assert main(["convert", str(archive), "--arch", "nasnet_mobile", "--ema", "--no-ema",
+                 "-o", str(out)]) == 1
+    assert "contradict" in capsys.readouterr().err
 
 
 def test_several_checkpoints_need_a_choice(tmp_path):
@@ -130,7 +159,8 @@ def test_local_sources_need_arch_and_bad_sources_are_named(tmp_path):
 def test_identify():
     card = find_card("nasnet_mobile")
     assert identify("https://tfhub.dev/google/imagenet/nasnet_mobile/feature_vector/3") == card
-    assert identify(card.mirrors[2].url) == card  # the TF-Slim tarball names the network
+    slim = next(m for m in card.mirrors if m.kind == "slim_tarball")
+    assert identify(slim.url) == card  # the TF-Slim tarball names the network
     assert identify("https://example.org/model.tar.gz") is None
     assert identify(str(SMALL)) is None
 

@@ -25,7 +25,7 @@ from imvec.weights import store
 from imvec.weights.archives import is_archive
 from imvec.weights.convert import convert_tensors
 from imvec.weights.recognize import mismatches, recognize
-from imvec.weights.sources import open_source, weights_path
+from imvec.weights.sources import open_source, weights_path, weights_values
 
 __all__ = ["Imported", "add_to_cache"]
 
@@ -53,9 +53,10 @@ class Imported:
 
 
 def add_to_cache(handle: str, source: str | os.PathLike, *, variant: str | None = None,
-                 prefer_ema: bool = True) -> Imported:
+                 prefer_ema: bool = False) -> Imported:
     """Import SOURCE (archive, module or checkpoint folder, checkpoint prefix) as the weights
-    of ``handle``; raises, leaving the cache as it was, unless it is a complete module."""
+    of ``handle``; raises, leaving the cache as it was, unless it is a complete module.
+    Raw values unless ``prefer_ema`` (then stored where ``load(..., prefer_ema=True)`` looks)."""
     card = find_card(handle, variant)
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -69,7 +70,7 @@ def add_to_cache(handle: str, source: str | os.PathLike, *, variant: str | None 
         raise FileNotFoundError(f"{path} does not exist (SOURCE: a hub module .tar.gz, an "
                                 "unpacked module or SavedModel folder, a folder holding one TF "
                                 "checkpoint, or a checkpoint prefix such as .../model.ckpt)")
-    out = weights_path(card)
+    out = weights_path(card, prefer_ema)
     out.parent.mkdir(parents=True, exist_ok=True)
     absolute = str(path.resolve())
     with FileLock(str(out) + ".lock", timeout=store.LOCK_TIMEOUT_S), \
@@ -83,7 +84,8 @@ def add_to_cache(handle: str, source: str | os.PathLike, *, variant: str | None 
                                           f"{_what_it_is(shapes, text)}")
         replaced = out.is_file()
         convert_tensors(opened.tensors, card.handle, out, source=absolute,
-                        source_sha256=opened.source_sha256)
+                        source_sha256=opened.source_sha256,
+                        values=weights_values(opened.tensors, card, prefer_ema))
         layout, sha = opened.layout, opened.source_sha256
     archive = is_archive(path)
     pins = tuple((m.url, m.sha256.lower()) for m in card.mirrors

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from imvec._io import atomic_path
 from imvec.errors import CheckpointMismatchError, ImvecError
 from imvec.registry import Card, find_card
 from imvec.weights.mapping import load_tf_variables
@@ -56,9 +57,11 @@ def convert_checkpoint(
     The logits layer is kept when the checkpoint has it. Returns the output path.
     """
     with CheckpointReader(prefix) as reader:
+        twins = any(k.endswith("/ExponentialMovingAverage") for k in reader)
         return convert_tensors(reader, arch, output, hparams,
                                source=source or str(Path(prefix)),
-                               source_sha256=sha256_of_files(reader.files))
+                               source_sha256=sha256_of_files(reader.files),
+                               values="raw" if twins else "as saved")
 
 
 def convert_tensors(
@@ -69,11 +72,13 @@ def convert_tensors(
     *,
     source: str,
     source_sha256: str,
+    values: str = "",
 ) -> Path:
     """TF-named tensors (a reader, or any mapping, read one tensor at a time) -> safetensors.
 
     ``source`` and ``source_sha256`` (what the tensors came from: URL or path, and the sha256
-    of the downloaded file or of the checkpoint files) go into the metadata.
+    of the downloaded file or of the checkpoint files) go into the metadata, with ``values``
+    (``weights_values``: "raw", "ema" or "as saved", see :mod:`imvec.weights.sources`).
     """
     card = find_card(arch)
     hparams = {**card.hparams, **(hparams or {})}
@@ -91,6 +96,7 @@ def convert_tensors(
         "num_classes": "1001" if has_logits else "",
         "source": source,
         "source_sha256": source_sha256,
+        "weights_values": values,
     }
     return save_converted(net, output, metadata)
 
@@ -126,12 +132,8 @@ def save_converted(net: nn.Module, output: str | os.PathLike, metadata: dict[str
     output.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()
                if not k.endswith("num_batches_tracked")}
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(output) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output
 
 

@@ -3,22 +3,25 @@
 A SOURCE is one of:
 
 - a registry handle, short name or ``https://tfhub.dev/...`` URL: a module tensorflow_hub
-  already downloaded (``$TFHUB_CACHE_DIR``, :mod:`imvec.weights.tfhub_cache`) if there is
+  or kagglehub already downloaded (``$TFHUB_CACHE_DIR``, ``$KAGGLEHUB_CACHE``) if there is
   one, else the card's mirrors, tried in order (downloads already in the cache first) until
-  one downloads, verifies, unpacks and converts;
+  one downloads, verifies, unpacks and converts, within the time limits of
+  :class:`imvec.weights.store.Limits`;
 - an http(s) URL: downloaded into the cache (one of a card's mirror URLs also names its
   network; any other URL needs ``arch``);
-- a ``.tar.gz`` / ``.tgz`` / ``.tar`` archive: unpacked safely into ``$IMVEC_HOME/tmp``;
+- a ``.tar.gz`` / ``.tgz`` / ``.tar`` / ``.zip`` archive: unpacked safely into
+  ``$IMVEC_HOME/tmp``;
 - a directory: a TF1 hub module, a TF2 SavedModel, or a folder holding one TF checkpoint
   (an unpacked TF-Slim tarball);
 - a TF checkpoint prefix (``.../model.ckpt``, or the ``.index`` file).
 
-EMA choice: when a checkpoint holds ``X/ExponentialMovingAverage`` beside ``X`` (TF-Slim
-training with ``--moving_average_decay``), the average is used under the name ``X``. This is
-what TF's ``ExponentialMovingAverage.variables_to_restore()`` does at evaluation time, so
-what TF-Slim's evaluation measured, and what the TF-Hub exporter is understood to have done
-when it built the modules from these checkpoints (not verified here: no module could be
-downloaded to compare). ``prefer_ema=False`` takes the raw training values instead.
+Raw or EMA: a TF-Slim checkpoint holds raw values ``X`` and moving averages
+``X/ExponentialMovingAverage``. The raw values are used by default: the published TF-Slim
+accuracies were measured with them and the TF-Hub NASNet/MobileNet modules hold them, so every
+mirror of a handle gives the same vectors. ``prefer_ema=True`` takes the averages instead (for
+a registry handle, only from sources that hold them). AmoebaNet's module holds EMA values
+under the plain names (its exporter restored the averages), and there is no other source.
+The choice is recorded in the converted file's metadata (``weights_values``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ __all__ = [
     "is_registry_name",
     "open_source",
     "weights_path",
+    "weights_values",
 ]
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -71,17 +75,21 @@ class CheckpointTensors(Mapping):
 
     ``rename`` maps checkpoint keys to variable names (TF2 object paths); with
     ``prefer_ema``, ``X/ExponentialMovingAverage`` is served as ``X`` (see the module doc).
+    ``values`` says which were taken: "raw", "ema", or "as saved" (no twins in the file).
     """
 
     def __init__(self, reader: CheckpointReader, rename: Mapping[str, str] | None = None,
-                 prefer_ema: bool = True):
+                 prefer_ema: bool = False):
         self._reader = reader
         keys = {(rename or {}).get(k, k): k for k in reader}
-        self.ema_count = 0
-        if prefer_ema:
-            for name in [n for n in keys if n.endswith(EMA_SUFFIX)]:
-                keys[name.removesuffix(EMA_SUFFIX)] = keys.pop(name)
-                self.ema_count += 1
+        twins = [n for n in keys if n.endswith(EMA_SUFFIX) and n.removesuffix(EMA_SUFFIX)
+                 in keys]
+        self.ema_count = len(twins) if prefer_ema else 0
+        for name in twins:  # the unused copy goes, so nothing can pick it by mistake
+            chosen = keys.pop(name)
+            if prefer_ema:
+                keys[name.removesuffix(EMA_SUFFIX)] = chosen
+        self.values = ("ema" if prefer_ema else "raw") if twins else "as saved"
         self._keys = keys
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -260,8 +268,8 @@ def _open_local(path: Path, prefer_ema: bool, origin: tuple[str, str] | None = N
         if origin and not is_archive(path):
             size = path.stat().st_size
             path.unlink()  # e.g. an HTML error page served with status 200: fetch again next time
-            raise ImvecError(f"{origin[0]} served {size} bytes that are not a tar archive; the "
-                             "file was removed from the cache")
+            raise ImvecError(f"{origin[0]} served {size} bytes that are not a tar or zip "
+                             "archive; the file was removed from the cache")
         if path.is_file() and is_archive(path):
             sha = origin[1] if origin else store.sha256_file(path)
             scratch = store.tmp_dir() / f"{sha[:16]}-{uuid.uuid4().hex[:8]}"
@@ -272,7 +280,7 @@ def _open_local(path: Path, prefer_ema: bool, origin: tuple[str, str] | None = N
         elif path.name.endswith(".index") or Path(f"{path}.index").is_file():
             kind, found = "checkpoint", Path(str(path).removesuffix(".index"))
         elif path.is_file():
-            raise ImvecError(f"{path} is neither a tar archive, a TF checkpoint nor a "
+            raise ImvecError(f"{path} is neither a tar or zip archive, a TF checkpoint nor a "
                              "safetensors file")
         else:
             raise FileNotFoundError(f"{path} does not exist")
@@ -284,8 +292,27 @@ def _open_local(path: Path, prefer_ema: bool, origin: tuple[str, str] | None = N
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def weights_values(tensors: CheckpointTensors, card: Card | None, prefer_ema: bool) -> str:
+    """What the converted file holds, for its metadata; refuses an EMA request that the
+    source cannot meet (silently giving raw values would defeat the option)."""
+    module_ema = card is not None and _module_values(card) == "ema"
+    if tensors.values == "as saved" and module_ema:
+        return "ema (the module's values: exported from the moving averages, plain names)"
+    if prefer_ema and tensors.values != "ema":
+        raise ImvecError("EMA weights were asked for (--ema / prefer_ema=True), but the source "
+                         f"holds no {EMA_SUFFIX} copies (its values: {tensors.values}); drop "
+                         "the option, or use a TF-Slim checkpoint that holds them")
+    return tensors.values
+
+
+def _module_values(card: Card) -> str:
+    """"ema" where the handle's own module holds moving averages (AmoebaNet), else "raw"."""
+    hub = [m.values for m in card.mirrors if m.kind == "hub_tf1"]
+    return "ema" if hub and all(v == "ema" for v in hub) else "raw"
+
+
 @contextlib.contextmanager
-def open_source(source: str | os.PathLike, arch: str | None = None, *, prefer_ema: bool = True,
+def open_source(source: str | os.PathLike, arch: str | None = None, *, prefer_ema: bool = False,
                 progress: bool | None = None) -> Iterator[Opened]:
     """The tensors of any SOURCE (see the module doc), downloading what is needed.
 
@@ -295,7 +322,8 @@ def open_source(source: str | os.PathLike, arch: str | None = None, *, prefer_em
     card = card_for(text, arch) if arch is not None else identify(text)
     with contextlib.ExitStack() as stack:
         if is_registry_name(text):
-            opened = _first_mirror(card, stack, prefer_ema, progress)
+            opened = _first_mirror(card, lambda path, origin, _label: stack.enter_context(
+                _open_local(path, prefer_ema, origin)), prefer_ema, progress)
         elif _is_url(text):
             url = _archive_url(text)
             path = store.fetch(url, **_pins(url), progress=progress)
@@ -305,16 +333,40 @@ def open_source(source: str | os.PathLike, arch: str | None = None, *, prefer_em
         yield Opened(opened[0], card, *opened[1:])
 
 
-def _first_mirror(card: Card, stack: contextlib.ExitStack, prefer_ema: bool,
-                  progress: bool | None):
+def _first_mirror(card: Card, use, prefer_ema: bool, progress: bool | None,
+                  limits: store.Limits | None = None):
+    """``use(path, origin, label)`` on the first of the card's sources that works: modules
+    other tools downloaded (``origin`` None), then the mirrors (cached downloads first, origin
+    (url, sha256)), all within one time limit."""
     failures = []
-    for mirror in _mirror_order(card):
+    for found in _tool_caches(card, prefer_ema):
         try:
-            path = _fetch_mirror(mirror, progress)
-            return stack.enter_context(_open_local(path, prefer_ema, (mirror.url, _sha(path))))
+            return use(found.path, None, found.label)
+        except (ImvecError, ValueError, OSError) as e:
+            log.warning("imvec: %s (%s) does not convert: %s; trying the card's sources "
+                        "instead", found.path, found.handle, e)
+    clock = store.Clock.start(limits)
+    for mirror in _mirror_order(card, prefer_ema):
+        if clock.total_expired() and not store.download_path(mirror.url).is_file():
+            failures.append(f"{mirror.url}: not tried, the time limit of "
+                            f"{clock.limits.total_s:.0f} s (IMVEC_DOWNLOAD_TOTAL_S) was reached")
+            continue
+        try:
+            path = store.fetch(mirror.url, sha256=mirror.sha256, size=mirror.size,
+                               progress=progress, clock=clock.next_source())
+            return use(path, (mirror.url, _sha(path)), mirror.url)
         except (ImvecError, OSError) as e:
             failures.append(_failure(mirror, e))
-    raise _all_failed(card, failures)
+    raise _all_failed(card, failures, prefer_ema)
+
+
+def _tool_caches(card: Card, prefer_ema: bool) -> list[tfhub_cache.CachedModule]:
+    """Modules tensorflow_hub or kagglehub already downloaded (hub modules: raw values,
+    except AmoebaNet's EMA ones, so they serve an EMA request only there)."""
+    if prefer_ema and _module_values(card) != "ema":
+        return []
+    found = [tfhub_cache.find_module(card), tfhub_cache.find_kagglehub_module(card)]
+    return [f for f in found if f is not None]
 
 
 def _failure(mirror: Mirror, error: Exception) -> str:
@@ -324,38 +376,15 @@ def _failure(mirror: Mirror, error: Exception) -> str:
 
 
 def _convert_card(card: Card, output: Path, hparams: dict[str, Any] | None, prefer_ema: bool,
-                  progress: bool | None) -> Path:
-    """Try the card's mirrors in order until one downloads, unpacks AND converts (a copy
-    that tensorflow_hub already downloaded comes first)."""
-    from_tfhub = _convert_tfhub_cached(card, output, hparams, prefer_ema)
-    if from_tfhub is not None:
-        return from_tfhub
-    failures = []
-    for mirror in _mirror_order(card):
-        try:
-            path = _fetch_mirror(mirror, progress)
-            with _open_local(path, prefer_ema, (mirror.url, _sha(path))) as opened:
-                return convert_tensors(opened[0], card.handle, output, hparams,
-                                       source=opened[1], source_sha256=opened[2])
-        except (ImvecError, OSError) as e:
-            failures.append(_failure(mirror, e))
-    raise _all_failed(card, failures)
+                  progress: bool | None, limits: store.Limits | None = None) -> Path:
+    """Try the card's sources in order until one downloads, unpacks AND converts."""
+    def use(path: Path, origin: tuple[str, str] | None, label: str) -> Path:
+        with _open_local(path, prefer_ema, origin) as (tensors, _source, sha, _layout):
+            return convert_tensors(tensors, card.handle, output, hparams, source=label,
+                                   source_sha256=sha,
+                                   values=weights_values(tensors, card, prefer_ema))
 
-
-def _convert_tfhub_cached(card: Card, output: Path, hparams: dict[str, Any] | None,
-                          prefer_ema: bool) -> Path | None:
-    """The card's module from the TF-Hub cache (:mod:`imvec.weights.tfhub_cache`), if there."""
-    found = tfhub_cache.find_module(card)
-    if found is None:
-        return None
-    try:
-        with _open_local(found.path, prefer_ema) as (tensors, _, sha, _layout):
-            return convert_tensors(tensors, card.handle, output, hparams, source_sha256=sha,
-                                   source=f"{found.handle} (TF-Hub cache: {found.path})")
-    except (ImvecError, ValueError, OSError) as e:
-        log.warning("imvec: %s (TF-Hub cache, %s) does not convert: %s; trying the card's "
-                    "sources instead", found.path, found.handle, e)
-        return None
+    return _first_mirror(card, use, prefer_ema, progress, limits)
 
 
 def _sha(path: Path) -> str:
@@ -368,32 +397,32 @@ def _pins(url: str) -> dict[str, Any]:
     return {"sha256": found[1].sha256, "size": found[1].size} if found else {}
 
 
-def _fetch_mirror(mirror: Mirror, progress: bool | None) -> Path:
-    return store.fetch(mirror.url, sha256=mirror.sha256, size=mirror.size, progress=progress)
+def _mirror_order(card: Card, prefer_ema: bool = False) -> list[Mirror]:
+    """The card's mirrors that can give the values asked for, those already downloaded first
+    (they cost nothing, work offline)."""
+    fitting = [m for m in card.mirrors if not prefer_ema or m.values in ("both", "ema")]
+    return sorted(fitting, key=lambda m: not store.download_path(m.url).is_file())
 
 
-def _mirror_order(card: Card) -> list[Mirror]:
-    """The card's mirrors, those already downloaded first (they cost nothing, work offline)."""
-    return sorted(card.mirrors, key=lambda m: not store.download_path(m.url).is_file())
-
-
-def _all_failed(card: Card, failures: list[str]) -> Exception:
+def _all_failed(card: Card, failures: list[str], prefer_ema: bool = False) -> Exception:
+    ema = " --ema" if prefer_ema else ""
     if store.is_offline():
         places = "\n".join(f"  {m.url}\n    -> {store.download_path(m.url)}"
-                           for m in card.mirrors)
+                           for m in _mirror_order(card, prefer_ema))
         return store.OfflineError(
             f"{store.ENV_OFFLINE}=1 and no weights for {card.handle} are in the cache "
-            f"({weights_path(card)}). Either copy a converted file there (e.g. from "
-            f"`imvec download {card.handle}` on a machine with internet, or copy that "
+            f"({weights_path(card, prefer_ema)}). Either copy a converted file there (e.g. from "
+            f"`imvec download {card.handle}{ema}` on a machine with internet, or copy that "
             f"machine's $IMVEC_HOME), or import a module or checkpoint you have with "
-            f"`imvec cache add {card.handle} FILE` (a module tensorflow_hub downloaded into "
-            f"{tfhub_cache.cache_dir()} is used as it is), or fetch one of these by hand and "
-            f"put it at the path shown:\n{places}")
+            f"`imvec cache add {card.handle} FILE{ema}` (a module tensorflow_hub downloaded "
+            f"into {tfhub_cache.cache_dir()} is used as it is), or fetch one of these by hand "
+            f"and put it at the path shown:\n{places}")
     listed = " ".join(f"[{i}] {f}." for i, f in enumerate(failures, 1))
-    return store.DownloadError(f"no source of {card.handle} worked: {listed} Check the "
-                               "connection (or IMVEC_MIRROR_BASE), or fetch one of the URLs by "
-                               f"hand and run `imvec cache add {card.handle} FILE` "
-                               "(IMVEC_OFFLINE=1 never tries the network)", card.url)
+    return store.DownloadError(
+        f"no source of {card.handle} worked: {listed} To import the weights by hand: fetch "
+        f"one of these URLs on any machine (e.g. `curl -L -o FILE URL`) and run `imvec cache "
+        f"add {card.handle} FILE{ema}`; or check the connection (a proxy or internal mirror: "
+        f"IMVEC_MIRROR_BASE; more time: IMVEC_DOWNLOAD_TOTAL_S)", card.url)
 
 
 # -- converting ----------------------------------------------------------------------------
@@ -403,22 +432,29 @@ def convert_source(
     *,
     arch: str | None = None,
     hparams: dict[str, Any] | None = None,
-    prefer_ema: bool = True,
+    prefer_ema: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Convert any SOURCE into a self-describing ``.safetensors`` file at ``output``."""
+    """Convert any SOURCE into a self-describing ``.safetensors`` file at ``output``.
+
+    Raw values by default; ``prefer_ema=True`` takes a TF-Slim checkpoint's moving averages
+    (see the module doc). The choice is recorded in the metadata (``weights_values``).
+    """
     text = os.fspath(source)
     card = card_for(text, arch)
     if is_registry_name(text):
         return _convert_card(card, Path(output), hparams, prefer_ema, progress)
     with open_source(text, card.handle, prefer_ema=prefer_ema, progress=progress) as opened:
         return convert_tensors(opened.tensors, card.handle, output, hparams,
-                               source=opened.source, source_sha256=opened.source_sha256)
+                               source=opened.source, source_sha256=opened.source_sha256,
+                               values=weights_values(opened.tensors, card, prefer_ema))
 
 
-def weights_path(card: Card) -> Path:
-    """Where the converted weights of a registry handle live in the cache."""
-    return store.weights_dir() / f"{card.handle.replace('/', '--')}.safetensors"
+def weights_path(card: Card, prefer_ema: bool = False) -> Path:
+    """Where the converted weights of a registry handle live in the cache (EMA weights,
+    where they differ from the handle's own values, beside them)."""
+    ema = "--ema" if prefer_ema and _module_values(card) != "ema" else ""
+    return store.weights_dir() / f"{card.handle.replace('/', '--')}{ema}.safetensors"
 
 
 def _locked_convert(out: Path, convert) -> Path:
@@ -431,24 +467,26 @@ def _locked_convert(out: Path, convert) -> Path:
     return out
 
 
-def ensure_weights(card: Card, *, progress: bool | None = None) -> Path:
+def ensure_weights(card: Card, *, prefer_ema: bool = False, progress: bool | None = None,
+                   limits: store.Limits | None = None) -> Path:
     """The converted weights of a registry card: from the cache, or downloaded and converted
     once (concurrent callers wait for the one doing it)."""
-    out = weights_path(card)
+    out = weights_path(card, prefer_ema)
 
     def convert() -> None:
-        _convert_card(card, out, None, True, progress)
+        _convert_card(card, out, None, prefer_ema, progress, limits)
 
     if not out.is_file() and store.is_offline() and not any(
-            store.download_path(m.url).is_file() for m in card.mirrors) and (
-            tfhub_cache.find_module(card) is None):
-        raise _all_failed(card, [])
+            store.download_path(m.url).is_file() for m in _mirror_order(card, prefer_ema)
+    ) and not _tool_caches(card, prefer_ema):
+        raise _all_failed(card, [], prefer_ema)
     return _locked_convert(out, convert)
 
 
-def _fingerprint(text: str, card: Card) -> str:
+def _fingerprint(text: str, card: Card, prefer_ema: bool = False) -> str:
     """Identity of a local source for the cache: paths, sizes and mtimes (not contents)."""
     parts: list[Any] = [text, card.network, sorted(card.hparams.items())]
+    parts += ["ema"] if prefer_ema else []
     if not _is_url(text):
         path = Path(text).expanduser().resolve()
         prefix_files = sorted(path.parent.glob(path.name + ".*")) if not path.exists() else []
@@ -458,21 +496,23 @@ def _fingerprint(text: str, card: Card) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def source_weights_path(source: str, card: Card) -> Path:
+def source_weights_path(source: str, card: Card, prefer_ema: bool = False) -> Path:
     """Where :func:`ensure_source_weights` keeps a local SOURCE converted for ``card``."""
-    return store.weights_dir() / f"{card.short_name}--{_fingerprint(source, card)}.safetensors"
+    key = _fingerprint(source, card, prefer_ema)
+    return store.weights_dir() / f"{card.short_name}--{key}.safetensors"
 
 
-def ensure_source_weights(source: str | os.PathLike, card: Card, *,
+def ensure_source_weights(source: str | os.PathLike, card: Card, *, prefer_ema: bool = False,
                           progress: bool | None = None) -> Path:
     """Converted weights for any non-registry SOURCE with its card, cached by the source's
-    identity (a changed local file converts again)."""
+    identity and the raw/EMA choice (a changed local file converts again)."""
     text = os.fspath(source)
-    out = source_weights_path(text, card)
+    out = source_weights_path(text, card, prefer_ema)
 
     def convert() -> None:
-        with open_source(text, card.handle, progress=progress) as opened:
+        with open_source(text, card.handle, prefer_ema=prefer_ema, progress=progress) as opened:
             convert_tensors(opened.tensors, card.handle, out, source=opened.source,
-                            source_sha256=opened.source_sha256)
+                            source_sha256=opened.source_sha256,
+                            values=weights_values(opened.tensors, card, prefer_ema))
 
     return _locked_convert(out, convert)

@@ -11,6 +11,7 @@ The ``.index`` file is a LevelDB-style SSTable mapping sorted tensor names to
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -222,8 +223,8 @@ def _read_index(path: Path) -> tuple:
     except CheckpointError:
         raise
     except Exception as e:  # IndexError, struct.error, protobuf DecodeError, ...
-        raise CheckpointError(f"{path} is truncated or corrupt ({e!r}); copy the checkpoint "
-                              "again") from e
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); copy the "
+                              "checkpoint again") from None
 
 
 def _data_path(prefix: Path, shard: int, num_shards: int) -> Path:
@@ -248,7 +249,7 @@ def _decode_strings(raw: bytes, shape: tuple[int, ...], where: str):
     """
     lengths, values, pos, crc = [], [], 0, 0
     try:
-        for _ in range(int(np.prod(shape))):
+        for _ in range(math.prod(shape)):
             n, pos = _varint(raw, pos)
             lengths.append(n)
             crc = google_crc32c.extend(crc, struct.pack("<I" if n < 2**32 else "<Q", n))
@@ -288,6 +289,66 @@ class CheckpointReader:
             raise CheckpointError(f"{self._index} was written on a big-endian machine; imvec "
                                   "reads little-endian checkpoints only")
         self._num_shards = max(header.num_shards, 1)
+        self._sizes = self._shard_sizes()
+        for name, entry in self._entries.items():
+            self._check_entry(name, entry)
+
+    def _shard_sizes(self) -> list[int]:
+        """The data files' sizes; the index may only declare shards that exist (a forged
+        count of millions must not become millions of paths)."""
+        stem = f"{self._prefix.name}.data-"
+        try:
+            present = {e.name: e for e in os.scandir(self._prefix.parent or ".")
+                       if e.name.startswith(stem)}
+        except OSError:
+            present = {}
+        count = self._num_shards
+        if count > len(present):
+            first = next(_data_path(self._prefix, i, count).name for i in range(len(present) + 1)
+                         if _data_path(self._prefix, i, count).name not in present)
+            raise CheckpointError(f"missing data shard {first}: {self._index} declares {count} "
+                                  f"data shards and {len(present)} exist beside it; copy every "
+                                  f"{self._prefix.name}.data-* file along with the index")
+        try:
+            return [present[_data_path(self._prefix, i, count).name].stat().st_size
+                    for i in range(count)]
+        except KeyError as e:
+            raise CheckpointError(f"missing data shard {e.args[0]} next to {self._index}; copy "
+                                  f"every {self._prefix.name}.data-* file along with the "
+                                  "index") from None
+
+    def _check_entry(self, name: str, entry) -> None:
+        """Shape, shard, offset and size of one tensor, bounded by the data file's real size,
+        so that reading never hands numpy a negative, overflowing or impossible request."""
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(f"{self._index} is corrupt: tensor {name!r} declares {what}; "
+                                   "get the checkpoint again from a trusted source")
+
+        dims = [d.size for d in entry.shape.dim]
+        if entry.shape.unknown_rank or any(d < 0 for d in dims):
+            raise bad(f"shape {tuple(dims)} (negative or unknown dimensions)")
+        if not 0 <= entry.shard_id < self._num_shards:
+            raise bad(f"data shard {entry.shard_id} of {self._num_shards}")
+        if entry.offset < 0 or entry.size < 0:
+            raise bad(f"offset {entry.offset} and size {entry.size}")
+        shard_size = self._sizes[entry.shard_id]
+        if entry.offset + entry.size > shard_size:
+            data_name = _data_path(self._prefix, entry.shard_id, self._num_shards).name
+            raise CheckpointError(f"{data_name} is truncated: tensor {name!r} needs bytes "
+                                  f"{entry.offset}..{entry.offset + entry.size} but the file "
+                                  f"has {shard_size}")
+        count = math.prod(dims)  # Python ints: no overflow
+        if entry.slices:
+            return  # refused when read
+        if entry.dtype == _DT_STRING:
+            if count > entry.size:  # every string needs at least its one-byte length
+                raise bad(f"shape {tuple(dims)}: {count} strings in {entry.size} bytes")
+        elif entry.dtype in _NUMPY_OF or entry.dtype == _DT_BFLOAT16:
+            itemsize = 2 if entry.dtype == _DT_BFLOAT16 else np.dtype(_NUMPY_OF[entry.dtype]
+                                                                      ).itemsize
+            if count * itemsize != entry.size:
+                raise bad(f"shape {tuple(dims)}, which needs {count * itemsize} bytes, in "
+                          f"{entry.size} bytes")
 
     @property
     def files(self) -> list[Path]:
@@ -353,7 +414,7 @@ class CheckpointReader:
             value, crc = _decode_strings(buf[start:end], shape, where)
         else:
             stored = np.dtype("<u2" if entry.dtype == _DT_BFLOAT16 else _NUMPY_OF[entry.dtype])
-            if entry.size != stored.itemsize * int(np.prod(shape)):
+            if entry.size != stored.itemsize * math.prod(shape):
                 raise CheckpointError(f"tensor {name!r} in {self._index} has {entry.size} "
                                       f"bytes, but shape {shape} of {stored} needs another size")
             value, crc = _copy_out(buf, start, entry.size, stored, shape, verify)

@@ -14,7 +14,10 @@ tests/fixtures/tfhub_cache/):
   existing folder is a whole module; ``<folder>.descriptor.txt`` beside it starts with
   ``Module: <handle>``, which names folders of other spellings.
 
-Nothing is ever written into the TF-Hub cache.
+Modules kagglehub downloaded are used too: ``$KAGGLEHUB_CACHE`` (default
+``~/.cache/kagglehub``) ``/models/<owner>/<model>/<framework>/<variation>/<version>/``, complete
+when ``<version>.complete`` exists beside it (kagglehub's cache.py). Nothing is ever written
+into either cache.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +33,12 @@ from pathlib import Path
 from imvec.errors import UnknownHandleError
 from imvec.registry import CARDS, Card, find_card
 
-__all__ = ["ENV_CACHE_DIR", "CachedModule", "cache_dir", "card_of_module_dir", "find_module",
-           "handles_of", "module_dir_name"]
+__all__ = ["ENV_CACHE_DIR", "ENV_KAGGLEHUB_CACHE", "CachedModule", "cache_dir",
+           "card_of_module_dir", "find_kagglehub_module", "find_module", "handles_of",
+           "kagglehub_dir", "module_dir_name"]
 
-ENV_CACHE_DIR = "TFHUB_CACHE_DIR"
+ENV_CACHE_DIR, ENV_KAGGLEHUB_CACHE = "TFHUB_CACHE_DIR", "KAGGLEHUB_CACHE"
+_KAGGLE_URL = re.compile(r"/api/v1/models/([^/]+)/([^/]+)/([^/]+)/([^/]+)/(\d+)/download$")
 DESCRIPTOR_SUFFIX = ".descriptor.txt"
 log = logging.getLogger("imvec")
 
@@ -58,7 +64,13 @@ def handles_of(card: Card) -> list[str]:
 @dataclass(frozen=True)
 class CachedModule:
     path: Path
-    handle: str  # the handle tensorflow_hub downloaded it as
+    handle: str  # the handle tensorflow_hub (or kagglehub) downloaded it as
+    where: str = "TF-Hub cache"
+
+    @property
+    def label(self) -> str:
+        """What the converted file records as its source."""
+        return f"{self.handle} ({self.where}: {self.path})"
 
 
 def _complete(path: Path) -> bool:
@@ -120,4 +132,32 @@ def card_of_module_dir(path: str | os.PathLike) -> Card | None:
     for card in CARDS:
         if path.name in {module_dir_name(h) for h in handles_of(card)}:
             return find_card(card.handle)
+    return None
+
+
+def kagglehub_dir() -> Path:
+    """kagglehub's cache on this machine."""
+    configured = os.environ.get(ENV_KAGGLEHUB_CACHE, "")
+    return Path(configured or Path.home() / ".cache" / "kagglehub").expanduser()
+
+
+def find_kagglehub_module(card: Card) -> CachedModule | None:
+    """``card``'s module as kagglehub downloaded it (any Kaggle mirror of the card; the
+    framework folder is spelled as the user typed it, so it is matched without case)."""
+    root = kagglehub_dir() / "models"
+    for mirror in card.mirrors:
+        match = _KAGGLE_URL.search(mirror.url)
+        if match is None:
+            continue
+        owner, model, framework, variation, version = match.groups()
+        try:
+            frameworks = [p for p in (root / owner / model).iterdir()
+                          if p.name.lower() == framework.lower()]
+        except OSError:
+            continue
+        for folder in frameworks:
+            path = folder / variation / version
+            if path.is_dir() and (folder / variation / f"{version}.complete").exists():
+                handle = "/".join((owner, model, folder.name, variation, version))
+                return CachedModule(path, handle, "kagglehub cache")
     return None
