@@ -364,7 +364,8 @@ class Module(nn.Module):
 def check_momentum(momentum: Any) -> float:
     """``momentum`` as a float, or a ValueError: a TF decay in [0, 1], finite."""
     try:
-        value = float(torch.as_tensor(momentum))
+        # no torch.as_tensor: under a `with torch.device("meta")` block it makes a meta tensor
+        value = float(momentum.item() if isinstance(momentum, torch.Tensor) else momentum)
     except (TypeError, ValueError, RuntimeError):
         value = float("nan")
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
