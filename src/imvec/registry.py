@@ -183,7 +183,7 @@ _FAMILIES: list[dict[str, Any]] = [
 ]
 
 
-# Where the weights live: docs/weights.md and ../shared/reference/weight-sources.md give the
+# Where the weights live: docs/weights.md gives the
 # evidence for each source and its confidence. In short: tfhub.dev answers 302 to Kaggle's
 # signed GCS bundle (LIKELY for these handles); Kaggle numbers each TF1 variation's versions
 # 1..n, so TF-Hub versions {1, 3} are Kaggle versions {1, 2} (CONFIRMED for sibling modules,
