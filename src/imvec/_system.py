@@ -100,13 +100,15 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def openmp_sleeps_when_idle() -> bool:
-    """Before torch loads: OpenMP threads that wait sleep instead of spinning
-    (``OMP_WAIT_POLICY=PASSIVE``); GNU OpenMP reads it once, when torch loads it. Beside
-    another job a spinning thread burns the core its preempted partner needs (NASNet ran
-    2-4x slower, benchmarks/results/pipeline.md). Left alone where the user chose a policy
-    or torch is already loaded. Returns whether it was set."""
+    """Before torch loads: OpenMP threads that wait spin only briefly, then sleep
+    (``GOMP_SPINCOUNT=1000``, GNU OpenMP's own count for an oversubscribed machine; it
+    reads it once, when torch loads it). Beside another job a spinning thread burns the
+    core its preempted partner needs: NASNet ran 28-32 img/s with the default spin, 42-46
+    with 1000 spins, 47 without spinning, and on a quiet machine 89-91, 85-87 and 77-82
+    (benchmarks/results/pipeline.md). Left alone where the user chose a policy or torch is
+    already loaded. Returns whether it was set."""
     chosen = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
     if "torch" in sys.modules or any(name in os.environ for name in chosen):
         return False
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "1000"
     return True

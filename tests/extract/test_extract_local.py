@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import assert_close
 from extract_helpers import (
     BAD,
@@ -21,6 +22,7 @@ from extract_helpers import (
 import imvec
 from imvec.errors import InputError
 from imvec.extract import ExtractJob, read_features, read_metadata, run
+from imvec.extract.workdir import ResumeError
 from imvec.weights.convert import read_metadata as weights_metadata
 
 SIZE = 32  # the sample images are 64x64: the reference resize is a 2x2 block mean
@@ -65,10 +67,11 @@ def test_vectors_equal_the_module_on_independently_prepared_images(kinds, module
         references[0]).max()
     with open(tmp_path / "features.errors.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["path", "reason"]
+    assert rows[0] == ["path", "reason", "file_size", "file_mtime_ns", "file_hash"]
     assert [r[0] for r in rows[1:]] == [str(kinds / name) for name in sorted(BAD)]
-    for (path, reason), name in zip(rows[1:], sorted(BAD), strict=True):
+    for (path, reason, size, *_), name in zip(rows[1:], sorted(BAD), strict=True):
         assert BAD[name] in reason, (path, reason)
+        assert int(size) == (kinds / name).stat().st_size
     assert not (tmp_path / "features.parquet.partial").exists()
 
 
@@ -77,12 +80,14 @@ def test_schema_and_metadata(kinds, converted, tmp_path):
     result = run(job(kinds, weights, tmp_path / "f.parquet", size=SIZE))
     parquet = pq.ParquetFile(result.output)
     schema = parquet.schema_arrow
-    assert schema.names == ["id", "path", "feature"]
+    assert schema.names == ["id", "path", "feature", "id_bytes", "file_size", "file_mtime_ns",
+                            "file_hash"]
     assert schema.field("feature").type == pa.list_(pa.float32(), 256)
     record = read_metadata(result.output)
     assert record == json.loads(schema.metadata[b"imvec"])
     assert record["model"]["handle"] == "google/imagenet/mobilenet_v1_050_160/feature_vector/3"
-    assert record["model"]["weights_sha256"] == weights_metadata(weights)["source_sha256"]
+    assert record["model"]["source_sha256"] == weights_metadata(weights)["source_sha256"]
+    assert record["model"]["weights_sha256"] == tensors_sha256(imvec.load(weights).net)
     assert record["model"]["hparams"]["depth_multiplier"] == 0.25
     assert schema.metadata[b"imvec.weights_sha256"].decode() == record["model"][
         "weights_sha256"]
@@ -91,11 +96,24 @@ def test_schema_and_metadata(kinds, converted, tmp_path):
     assert pre["max_pixels"] == 89_478_485 and pre["exif_orientation"] is True
 
 
-def test_weights_without_a_recorded_source_are_hashed_whole(kinds, weights, tmp_path):
+def tensors_sha256(net) -> str:
+    """The digest as docs/sharded-output.md defines it, written out independently."""
     import hashlib
 
+    digest = hashlib.sha256(b"imvec-tensors/1")
+    for name, tensor in sorted(net.state_dict().items()):
+        if name.split(".")[-1] != "num_batches_tracked":
+            flat = tensor.detach().contiguous().reshape(-1)
+            digest.update(f"{name}\0{flat.dtype}\0{tuple(tensor.shape)}\0".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_weights_without_a_recorded_source_are_hashed_by_their_tensors(kinds, weights,
+                                                                        tmp_path):
     record = read_metadata(run(job(kinds, weights, tmp_path / "f.parquet", size=SIZE)).output)
-    assert record["model"]["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert record["model"]["weights_sha256"] == tensors_sha256(imvec.load(weights).net)
+    assert record["model"]["source_sha256"] is None
 
 
 def test_row_groups_have_a_fixed_size_whatever_the_commits(tmp_path, module, monkeypatch):
@@ -169,8 +187,9 @@ def test_rerun_of_a_finished_job_computes_nothing(tmp_path, module):
     assert again.computed == 0 and again.ok == first.ok and out.read_bytes() == before
     assert "already complete" in again.notes[0]
     save(np.zeros((8, 8, 3), np.uint8), folder / "new.png")
-    later = run(job(folder, module, out, size=SIZE))
-    assert "1 listed images are not in" in later.notes[1] and "--overwrite" in later.notes[1]
+    with pytest.raises(ResumeError, match=r"f.parquet is complete but 1 listed images are not "
+                                          r"in it; pass --overwrite"):
+        run(job(folder, module, out, size=SIZE))
     redone = run(job(folder, module, out, size=SIZE, overwrite=True))
     assert redone.total == 5 and redone.computed == 5
 
@@ -178,7 +197,8 @@ def test_rerun_of_a_finished_job_computes_nothing(tmp_path, module):
 def test_no_bad_images_still_writes_an_empty_errors_file(tmp_path, module):
     folder = make_folder(tmp_path / "in", 3)
     result = run(job(folder, module, tmp_path / "f.parquet", size=SIZE, workers=1))
-    assert result.failed == 0 and result.errors.read_text() == "path,reason\n"
+    assert result.failed == 0 and result.errors.read_text() == (
+        "path,reason,file_size,file_mtime_ns,file_hash\n")
     assert "0 failed" in result.summary() and "images/s" in result.summary()
 
 

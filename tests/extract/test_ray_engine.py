@@ -1,5 +1,7 @@
 """The Ray Data engine on a local Ray instance: same file as the local engine, same resume."""
 
+import secrets
+
 import numpy as np
 import pytest
 from extract_helpers import make_folder, random_mobilenet
@@ -12,10 +14,14 @@ pytest.importorskip("ray.data")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # Ray >= 2.59 turns token auth on for a local cluster and, without a token, writes
+        # one to ~/.ray/auth_token: a test must not leave files in the user's home
+        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +83,104 @@ def test_ray_engine_continues_unfinished_work_and_keeps_the_resume_rule(local_ra
     local_ids, local_features = read_features(local)
     assert ids == local_ids
     np.testing.assert_allclose(features, local_features, rtol=1e-5, atol=1e-6)
+
+
+# --- The shard scheduler, against a stand-in for Ray (no cluster needed) ---------------------
+
+class FakeRef:
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+
+class FakeActor:
+    """An actor whose run() fails as a lost actor would when ``dies_on`` says so."""
+
+    def __init__(self, cluster):
+        self.cluster, self.alive = cluster, not cluster.broken
+        self.ready = type("M", (), {"remote": lambda _: self._call(lambda: "node")})()
+        self.run = type("M", (), {"remote": lambda _, index: self._call(
+            lambda: self._run(index))})()
+
+    def _call(self, work):
+        if not self.alive:
+            return FakeRef(error=self.cluster.lost())
+        try:
+            return FakeRef(work())
+        except LookupError:
+            self.alive = False
+            return FakeRef(error=self.cluster.lost())
+
+    def _run(self, index):
+        if self.cluster.dies_on(index):
+            raise LookupError  # the actor's process dies on this shard
+        self.cluster.written.append(index)
+        return index, 4
+
+
+class FakeRay:
+    def __init__(self, dies_on):
+        from ray.exceptions import ActorDiedError
+
+        self.lost = ActorDiedError
+        self.dies_on, self.written, self.killed, self.actors = dies_on, [], [], []
+        self.broken = False  # actors die in their constructor
+
+    def new_actor(self):
+        self.actors.append(FakeActor(self))
+        return self.actors[-1]
+
+    def wait(self, refs, num_returns, timeout=None):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    def kill(self, actor):
+        self.killed.append(actor)
+
+
+def schedule(dies_on, shards=6, replicas=2, broken=False):
+    from imvec.extract.ray_engine import _schedule
+
+    fake, counted = FakeRay(dies_on), []
+    fake.broken = broken
+    stats = _schedule(fake, fake.new_actor, replicas, iter(range(shards)), counted.append)
+    return fake, stats, counted
+
+
+def test_every_shard_is_written_once_and_counted():
+    fake, stats, counted = schedule(lambda index: False)
+    assert sorted(fake.written) == list(range(6)) and counted == [4] * 6
+    assert (stats.shards, stats.actors_lost, stats.retried) == (6, 0, 0)
+    assert len(fake.killed) == 2  # the pool is ended with the job
+
+
+def test_a_lost_actor_costs_its_shard_in_flight_which_another_actor_writes():
+    died = []
+
+    def once_on_shard_two(index):
+        if index == 2 and not died:
+            died.append(index)
+            return True
+        return False
+
+    fake, stats, _ = schedule(once_on_shard_two)
+    assert sorted(fake.written) == list(range(6))  # shard 2 too, exactly once
+    assert (stats.shards, stats.actors_lost, stats.retried) == (6, 1, 1)
+    assert len(fake.actors) == 3  # a replacement was started
+
+
+def test_a_shard_that_kills_every_actor_stops_the_job_with_its_number():
+    from imvec.errors import ImvecError
+
+    with pytest.raises(ImvecError, match="shard 4 lost its Ray actor 3 times"):
+        schedule(lambda index: index == 4)
+
+
+def test_actors_that_cannot_start_stop_the_job_instead_of_being_replaced_forever():
+    from imvec.errors import ImvecError
+
+    with pytest.raises(ImvecError, match="Ray actors fail to start"):
+        schedule(lambda index: False, broken=True)

@@ -14,7 +14,36 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["fixed_size_lists", "list_values", "read_columns", "strings"]
+__all__ = ["decode_raw", "display", "fixed_size_lists", "list_values", "raw", "raw_only",
+           "read_columns", "strings"]
+
+# Names that are not UTF-8 (legal on Linux) reach Python as str with lone surrogates
+# (os.listdir's surrogateescape); their exact bytes are kept in a binary column.
+_FS = ("utf-8", "surrogateescape")
+
+
+def display(value: str) -> str:
+    """A name as valid UTF-8 text: undecodable bytes shown as ``\\xNN``."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode(*_FS).decode("utf-8", "backslashreplace")
+
+
+def raw(values: Sequence[str]) -> pa.Array:
+    """Names as their exact bytes (what the file system holds)."""
+    return pa.array([v.encode(*_FS) for v in values], pa.binary())
+
+
+def raw_only(values: Sequence[str]) -> pa.Array:
+    """The exact bytes of the names that are not UTF-8, null for the others."""
+    return pa.array([None if display(v) == v else v.encode(*_FS) for v in values], pa.binary())
+
+
+def decode_raw(column: pa.Array | pa.ChunkedArray) -> list[str]:
+    """Names from their exact bytes: the str ``os.listdir`` gives."""
+    return [b.decode(*_FS) for b in column.to_pylist()]
 
 
 def _validity(valid: np.ndarray) -> tuple[pa.Buffer | None, int]:
@@ -25,8 +54,8 @@ def _validity(valid: np.ndarray) -> tuple[pa.Buffer | None, int]:
 
 
 def strings(values: Sequence[str | None]) -> pa.Array:
-    """A string array; ``None`` becomes null."""
-    encoded = [b"" if v is None else v.encode("utf-8") for v in values]
+    """A string array; ``None`` becomes null; names that are not UTF-8 as :func:`display`."""
+    encoded = [b"" if v is None else display(v).encode("utf-8") for v in values]
     offsets = np.zeros(len(encoded) + 1, np.int32)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
     validity, nulls = _validity(np.array([v is not None for v in values], bool))
@@ -63,6 +92,8 @@ def list_values(column: pa.Array | pa.ChunkedArray, out: np.ndarray | None = Non
 
 
 def read_columns(path: str | os.PathLike, columns: list[str]) -> pa.Table:
-    """Some columns of one Parquet file (the file is closed on return)."""
-    with open(path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)
+    """Some columns of one Parquet file (the file is closed on return). Read by path, never
+    through a Python file object: pyarrow's reader threads calling back into Python abort
+    the process at exit once torch is loaded (SIGABRT in about half the runs)."""
+    with pq.ParquetFile(os.fspath(path)) as parquet:
+        return parquet.read(columns=columns)

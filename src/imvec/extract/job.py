@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imvec.data.decode import DEFAULT_MAX_PIXELS
+from imvec.data.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from imvec.module import Module
@@ -40,6 +40,14 @@ class ExtractJob:
     ``commit_every``: images per committed part; a crash loses at most that much work.
     ``precision``: "bfloat16" runs the model in bfloat16 (see :mod:`imvec.engines`); its
     vectors are recorded as such, and a resumed run must use the same precision.
+    ``decode_timeout``: seconds one image may take to decode (None: no limit); a worker
+    stuck past it is replaced and the image reported (local engine).
+    ``accept_truncated``: use JPEGs whose data is cut short or corrupt (gray where missing)
+    instead of reporting them; recorded, so a resume must use the same setting.
+    ``verify_inputs``: besides size and mtime, record a digest of each input file's bytes
+    and, on a rerun, recompute the images whose digest changed.
+    ``shard_size``: images per shard of an output folder (``output`` without a suffix).
+    ``relist``: list the inputs again and add new images to an output folder as new shards.
     """
 
     inputs: tuple[str, ...]
@@ -60,6 +68,11 @@ class ExtractJob:
     progress: bool = True
     commit_every: int = 1024
     precision: str | None = None
+    decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT
+    accept_truncated: bool = False
+    verify_inputs: bool = False
+    shard_size: int = 10_000
+    relist: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, str | os.PathLike):
@@ -79,8 +92,13 @@ class ExtractJob:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1; got {value}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1; got {self.shard_size}")
         if self.commit_every < 1:
             raise ValueError(f"commit_every must be at least 1; got {self.commit_every}")
+        if self.decode_timeout is not None and not self.decode_timeout > 0:
+            raise ValueError(f"decode_timeout must be a positive number of seconds (or None "
+                             f"for no limit); got {self.decode_timeout}")
         if self.crop is not None and not 0.0 < self.crop <= 1.0:
             raise ValueError(f"crop must be a fraction in (0, 1], e.g. 0.875; got {self.crop}")
         if self.address is not None and self.engine != "ray":

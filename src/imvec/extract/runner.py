@@ -13,10 +13,13 @@ import torch
 
 from imvec.data.sources import Item, list_images
 from imvec.errors import ImvecError
+from imvec.extract.dataset import run_dataset
+from imvec.extract.fingerprint import fingerprints, same
 from imvec.extract.job import ExtractJob, ExtractResult, default_batch_size
 from imvec.extract.pool import default_workers
 from imvec.extract.provenance import describe, differences, load_module, preprocessing_for
-from imvec.extract.sink import OutputPaths, assemble, read_features, read_metadata
+from imvec.extract.shards import is_dataset
+from imvec.extract.sink import OutputPaths, assemble, read_ids, read_metadata, recorded_inputs
 from imvec.extract.workdir import ResumeError, WorkDir, work_dir_for
 
 __all__ = ["run"]
@@ -48,8 +51,12 @@ def run(job: ExtractJob) -> ExtractResult:
     start = time.perf_counter()
     module = load_module(job.model, job.precision)
     device = _device(job)
-    preprocessing = preprocessing_for(module, job.size, job.crop, job.max_pixels)
+    preprocessing = preprocessing_for(module, job.size, job.crop, job.max_pixels,
+                                      job.accept_truncated)
     record = describe(module, preprocessing, job.format)
+    if is_dataset(job.output):
+        return run_dataset(job, record, _shard_computer(job, module, record, preprocessing,
+                                                        device), start)
     dim = record["model"]["num_features"]
     paths = OutputPaths.for_output(job.output, job.format)
     items = list_images(job.inputs, job.path_column)
@@ -58,11 +65,11 @@ def run(job: ExtractJob) -> ExtractResult:
         shutil.rmtree(trash, ignore_errors=True)  # a finished job's folder, half deleted
 
     if paths.output.exists() and not work_path.exists() and not job.overwrite:
-        return _already_done(paths, record, items, start)
+        return _already_done(paths, record, items, start, job.verify_inputs)
     paths.output.parent.mkdir(parents=True, exist_ok=True)
     work = WorkDir(work_path, record, dim, job.commit_every).open(job.overwrite)
     try:
-        todo = [item for item in items if item.id not in work.done]
+        todo = _todo(items, work, job.verify_inputs)
         update, close = _progress_bar(job, len(items), len(items) - len(todo))
         try:
             if todo:
@@ -96,11 +103,51 @@ def _compute(job, module, todo, work, preprocessing, device, update) -> None:
     if next(module.parameters()).device != device:
         module.to(device)  # only when needed: moving drops the built inference engine
     run_local(module, todo, work, preprocessing, batch_size,
-              job.workers or default_workers(), device, update)
+              job.workers or default_workers(), device, update,
+              decode_timeout=job.decode_timeout)
 
 
-def _already_done(paths: OutputPaths, record: dict, items: list[Item],
-                  start: float) -> ExtractResult:
+def _shard_computer(job, module, record, preprocessing, device) -> Callable:
+    """``compute(pending, state, todo)`` for an output folder: shards written as they end."""
+    if job.engine == "ray":
+        raise ImvecError("--engine ray writes a single .parquet file for now; name one, or "
+                         "use the local engine for an output folder")
+
+    def compute(pending: list[int], state: dict, todo: int) -> None:
+        from imvec.extract.pipeline import run_shards_local
+
+        update, close = _progress_bar(job, state["images"], state["images"] - todo)
+        batch_size = job.batch_size or default_batch_size(module.card.network, device.type)
+        if next(module.parameters()).device != device:
+            module.to(device)
+        try:
+            run_shards_local(module, Path(job.output), pending, state["shard_size"], record,
+                             preprocessing, batch_size, job.workers or default_workers(),
+                             device, update, job.verify_inputs, job.decode_timeout)
+        finally:
+            close()
+
+    return compute
+
+
+def _todo(items: list[Item], work: WorkDir, verify: bool) -> list[Item]:
+    """Images not done yet or whose file changed since, each fingerprinted before it is read."""
+    done = [item for item in items if item.id in work.done]
+    now = fingerprints([item.path for item in done], verify).rows()
+    changed = {item.id for item, fp in zip(done, now, strict=True)
+               if not same(work.recorded[item.id], fp)}
+    if changed:
+        work.notes.append(f"{len(changed)} images changed since they were computed (size, "
+                          "mtime or content); computed again")
+    todo = [item for item in items if item.id not in work.done or item.id in changed]
+    work.fingerprints = dict(zip((item.id for item in todo),
+                                 fingerprints([item.path for item in todo], verify).rows(),
+                                 strict=True))
+    return todo
+
+
+def _already_done(paths: OutputPaths, record: dict, items: list[Item], start: float,
+                  verify: bool) -> ExtractResult:
     """The output exists and nothing is unfinished: report it, or refuse if it differs."""
     try:
         old = read_metadata(paths.output)
@@ -112,23 +159,24 @@ def _already_done(paths: OutputPaths, record: dict, items: list[Item],
         raise ResumeError(f"{paths.output} exists and was made differently: "
                           f"{'; '.join(reasons)}. Pass --overwrite to replace it, or write "
                           "to another file")
-    ids, _ = read_features(paths.output)
-    failed_paths = _error_paths(paths.errors)
-    present = set(ids)
-    new = [i for i in items if i.id not in present and i.path not in failed_paths]
-    notes = []
-    if new:
-        notes.append(f"{len(new)} listed images are not in {paths.output} (added since it was "
-                     "made?); pass --overwrite to compute everything again")
-    return ExtractResult(paths.output, paths.errors, len(ids) + len(failed_paths), len(ids),
-                         len(failed_paths), 0, time.perf_counter() - start, resumed=True,
-                         notes=["already complete: nothing to compute", *notes])
-
-
-def _error_paths(path: Path) -> set[str]:
-    import csv
-
-    if not path.is_file():
-        return set()
-    with open(path, newline="", encoding="utf-8") as f:
-        return {row[0] for row in list(csv.reader(f))[1:]}
+    ids, prints = read_ids(paths.output)  # ids only: never the vectors
+    failed = recorded_inputs(paths)
+    held = dict(zip(ids, prints, strict=True))
+    new = changed = 0
+    for item, now in zip(items, fingerprints([i.path for i in items], verify).rows(),
+                         strict=True):
+        old = held.get(item.id, failed.get(item.path))
+        if old is None:
+            new += 1
+        elif not same(old, now):
+            changed += 1
+    if new or changed:
+        what = " and ".join(text for count, text in (
+            (new, f"{new} listed images are not in it"),
+            (changed, f"{changed} images changed since it was made")) if count)
+        raise ResumeError(f"{paths.output} is complete but {what}; pass --overwrite to compute "
+                          "it again, or write to an output folder (-o DIR/), which adds and "
+                          "recomputes only those")
+    return ExtractResult(paths.output, paths.errors, len(ids) + len(failed), len(ids),
+                         len(failed), 0, time.perf_counter() - start, resumed=True,
+                         notes=["already complete: nothing to compute"])

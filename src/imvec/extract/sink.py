@@ -24,12 +24,19 @@ import pyarrow.parquet as pq
 
 from imvec.data.sources import Item
 from imvec.errors import ImvecError
-from imvec.extract.arrow import fixed_size_lists, list_values, read_columns, strings
+from imvec.extract.arrow import (
+    decode_raw,
+    list_values,
+    read_columns,
+)
+from imvec.extract.fingerprint import FINGERPRINT_FIELDS, Fingerprints
+from imvec.extract.shards import dataset_record, read_dataset
+from imvec.extract.table import METADATA_KEY, ids_of, output_schema, output_table
 from imvec.extract.workdir import PartInfo, disk_error, write_durably
 
-__all__ = ["OutputPaths", "assemble", "read_features", "read_metadata"]
+__all__ = ["OutputPaths", "assemble", "read_features", "read_ids", "read_metadata",
+           "recorded_inputs"]
 
-METADATA_KEY = b"imvec"
 ROW_GROUP_BYTES = 32 << 20
 CACHE_BYTES = 512 << 20
 
@@ -83,37 +90,43 @@ class _PartCache:
 
 @dataclass
 class _Plan:
-    """For each listed item, the part and row holding it, and its error if it failed."""
+    """For each listed item, the part and row holding it, its input's fingerprint, and its
+    error if it failed."""
 
     part: np.ndarray
     row: np.ndarray
+    prints: Fingerprints
     errors: dict[int, str]
     missing: int
 
 
 def _plan(items: Sequence[Item], parts: Sequence[PartInfo]) -> _Plan:
+    """Later parts win: an image recomputed because its file changed replaces its old row."""
     position = {item.id: i for i, item in enumerate(items)}
     part = np.full(len(items), -1, np.int32)
     row = np.zeros(len(items), np.int64)
+    prints = Fingerprints.from_rows([(-1, -1, None)] * len(items))
     errors: dict[int, str] = {}
     for k, info in enumerate(parts):
-        table = read_columns(info.path, ["id", "error"])
-        seq = np.array([position.get(i, -1) for i in table.column("id").to_pylist()], np.int64)
+        table = read_columns(info.path, ["id", "error", "file_size", "file_mtime_ns",
+                                         "file_hash"])
+        seq = np.array([position.get(i, -1) for i in decode_raw(table.column("id"))], np.int64)
         rows = np.arange(len(seq))
         fresh = seq >= 0
         seq, rows = seq[fresh], rows[fresh]
-        seq, first = np.unique(seq, return_index=True)  # a repeated id: its first row wins
+        seq, first = np.unique(seq, return_index=True)  # repeated in one part: first row wins
         rows = rows[first]
-        new = part[seq] < 0
-        seq, rows = seq[new], rows[new]
         part[seq], row[seq] = k, rows
-        column = table.column("error")
-        if column.null_count < len(column):  # some rows of this part failed
-            reasons = column.to_pylist()
-            errors.update((s, reasons[r]) for s, r in zip(seq.tolist(), rows.tolist(),
-                                                          strict=True)
-                          if reasons[r] is not None)
-    return _Plan(part, row, errors, int((part < 0).sum()))
+        prints.size[seq] = table.column("file_size").to_numpy()[rows]
+        prints.mtime_ns[seq] = table.column("file_mtime_ns").to_numpy()[rows]
+        hashes, reasons = table.column("file_hash").to_pylist(), table.column("error")
+        reasons = reasons.to_pylist() if reasons.null_count < len(reasons) else None
+        for s, r in zip(seq.tolist(), rows.tolist(), strict=True):
+            prints.hash[s] = hashes[r]
+            errors.pop(s, None)
+            if reasons is not None and reasons[r] is not None:
+                errors[s] = reasons[r]
+    return _Plan(part, row, prints, errors, int((part < 0).sum()))
 
 
 def assemble(items: Sequence[Item], parts: Sequence[PartInfo], record: dict, dim: int,
@@ -128,36 +141,48 @@ def assemble(items: Sequence[Item], parts: Sequence[PartInfo], record: dict, dim
     ok_seq = np.nonzero(~failed)[0]
     kept = f"All {len(items)} results are kept in the work folder."
     try:
-        write_durably(paths.errors, lambda f: f.write(_errors_csv(items, plan.errors)))
+        errors_csv = _errors_csv(items, plan)
+        write_durably(paths.errors, lambda tmp: tmp.write_bytes(errors_csv))
         if fmt == "npy":
-            write_durably(paths.ids, lambda f: f.write(_ids_csv(items, ok_seq)))
+            ids_csv = _ids_csv(items, plan, ok_seq)
+            write_durably(paths.ids, lambda tmp: tmp.write_bytes(ids_csv))
             text = json.dumps(record, indent=1, sort_keys=True).encode()
-            write_durably(paths.metadata, lambda f: f.write(text))
-            write_durably(paths.output, lambda f: _write_npy(f, plan, ok_seq, parts, dim))
+            write_durably(paths.metadata, lambda tmp: tmp.write_bytes(text))
+            write_durably(paths.output, lambda tmp: _write_npy(tmp, plan, ok_seq, parts, dim))
         else:
-            write_durably(paths.output,
-                          lambda f: _write_parquet(f, items, plan, ok_seq, parts, dim, record))
+            write_durably(paths.output, lambda tmp: _write_parquet(tmp, items, plan, ok_seq,
+                                                                   parts, dim, record))
     except OSError as exc:
         raise disk_error(exc, str(paths.output), kept) from exc
     return len(ok_seq), len(plan.errors)
 
 
-def _errors_csv(items: Sequence[Item], errors: dict[int, str]) -> bytes:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    for seq in sorted(errors):
-        writer.writerow([items[seq].path, errors[seq]])
-    return text.getvalue().encode()
+PRINT_COLUMNS = [f.name for f in FINGERPRINT_FIELDS]
 
 
-def _ids_csv(items: Sequence[Item], ok_seq: np.ndarray) -> bytes:
+def _errors_csv(items: Sequence[Item], plan: _Plan) -> bytes:
+    """path, reason and the file's fingerprint (a fixed file is noticed) per failed image;
+    a name that is not UTF-8 is written as its exact bytes (read back with surrogateescape)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["id", "path"])
+    writer.writerow(["path", "reason", *PRINT_COLUMNS])
+    for seq in sorted(plan.errors):
+        writer.writerow([items[seq].path, plan.errors[seq], *_cells(plan, seq)])
+    return text.getvalue().encode("utf-8", "surrogateescape")
+
+
+def _cells(plan: _Plan, seq: int) -> list:
+    size, mtime, digest = plan.prints.row(seq)
+    return [size, mtime, digest or ""]
+
+
+def _ids_csv(items: Sequence[Item], plan: _Plan, ok_seq: np.ndarray) -> bytes:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id", "path", *PRINT_COLUMNS])
     for seq in ok_seq.tolist():
-        writer.writerow([items[seq].id, items[seq].path])
-    return text.getvalue().encode()
+        writer.writerow([items[seq].id, items[seq].path, *_cells(plan, seq)])
+    return text.getvalue().encode("utf-8", "surrogateescape")
 
 
 def _chunks(plan: _Plan, ok_seq: np.ndarray, parts: Sequence[PartInfo], dim: int):
@@ -174,36 +199,33 @@ def _chunks(plan: _Plan, ok_seq: np.ndarray, parts: Sequence[PartInfo], dim: int
         yield seq, out
 
 
-def _write_parquet(f, items, plan, ok_seq, parts, dim, record) -> None:
-    schema = pa.schema(
-        [pa.field("id", pa.string(), nullable=False), pa.field("path", pa.string(), False),
-         pa.field("feature", pa.list_(pa.float32(), dim), False)],
-        metadata={METADATA_KEY: json.dumps(record, sort_keys=True).encode(),
-                  b"imvec.model": record["model"]["handle"].encode(),
-                  b"imvec.weights_sha256": record["model"]["weights_sha256"].encode(),
-                  b"imvec.preprocessing": json.dumps(record["preprocessing"]).encode()})
-    with pq.ParquetWriter(f, schema, use_dictionary=False) as writer:
+def _write_parquet(path, items, plan, ok_seq, parts, dim, record) -> None:
+    schema = output_schema(dim, record)
+    with pq.ParquetWriter(path, schema, use_dictionary=False) as writer:
         for seq, values in _chunks(plan, ok_seq, parts, dim):
             chosen = [items[s] for s in seq.tolist()]
-            writer.write_table(pa.table([strings([i.id for i in chosen]),
-                                         strings([i.path for i in chosen]),
-                                         fixed_size_lists(values)], schema=schema),
-                               row_group_size=len(seq))
+            prints = Fingerprints(plan.prints.size[seq], plan.prints.mtime_ns[seq],
+                                  [plan.prints.hash[s] for s in seq.tolist()])
+            writer.write_table(output_table([i.id for i in chosen], [i.path for i in chosen],
+                                            values, prints, schema), row_group_size=len(seq))
         if not len(ok_seq):
             writer.write_table(schema.empty_table())
 
 
-def _write_npy(f, plan, ok_seq, parts, dim) -> None:
+def _write_npy(path, plan, ok_seq, parts, dim) -> None:
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
               "shape": (len(ok_seq), dim)}
-    np.lib.format.write_array_header_1_0(f, header)
-    for _, values in _chunks(plan, ok_seq, parts, dim):
-        f.write(np.ascontiguousarray(values, "<f4").tobytes())
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for _, values in _chunks(plan, ok_seq, parts, dim):
+            f.write(np.ascontiguousarray(values, "<f4").tobytes())
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The provenance record of a result (model, weights sha256, preprocessing)."""
     path = Path(path)
+    if path.is_dir():
+        return dataset_record(path)
     if path.suffix == ".npy":
         meta = OutputPaths.for_output(path, "npy").metadata
         try:
@@ -220,14 +242,49 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return json.loads(text)
 
 
-def read_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """``(ids, features)`` of an ``imvec extract`` result: ids in row order, features
-    ``[N, D]`` float32. Reads ``.parquet`` and ``.npy`` (with its ``.ids.csv``)."""
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.reader(f))[1:]
+
+
+def read_ids(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, int, str | None]]]:
+    """Ids and input fingerprints of a result, without reading its vectors."""
     path = Path(path)
     if path.suffix == ".npy":
-        ids_path = OutputPaths.for_output(path, "npy").ids
-        with open(ids_path, newline="", encoding="utf-8") as f:
-            ids = [row[0] for row in list(csv.reader(f))[1:]]
-        return ids, np.load(path)
-    table = read_columns(path, ["id", "feature"])
-    return table.column("id").to_pylist(), list_values(table.column("feature"))
+        rows = _read_csv(OutputPaths.for_output(path, "npy").ids)
+        return [r[0] for r in rows], [_print(r[2:]) for r in rows]
+    columns = pq.read_schema(path).names
+    if "file_size" not in columns:
+        ids = ids_of(read_columns(path, ["id"]))
+        return ids, [_print([])] * len(ids)
+    table = read_columns(path, ["id", "id_bytes", "file_size", "file_mtime_ns", "file_hash"])
+    return ids_of(table), list(zip(table.column("file_size").to_pylist(),
+                                 table.column("file_mtime_ns").to_pylist(),
+                                 table.column("file_hash").to_pylist(), strict=True))
+
+
+def _print(cells: list[str]) -> tuple[int, int, str | None]:
+    if len(cells) < 2:
+        return (-2, -2, None)  # written before fingerprints were recorded: never the same
+    return int(cells[0]), int(cells[1]), (cells[2] or None) if len(cells) > 2 else None
+
+
+def recorded_inputs(paths: OutputPaths) -> dict[str, tuple[int, int, str | None]]:
+    """Failed images of a finished result: path -> fingerprint."""
+    if not paths.errors.is_file():
+        return {}
+    return {r[0]: _print(r[2:]) for r in _read_csv(paths.errors)}
+
+
+def read_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """``(ids, features)`` of an ``imvec extract`` result: ids in row order, features
+    ``[N, D]`` float32. Reads ``.parquet``, ``.npy`` (with its ``.ids.csv``) and output
+    folders (their finished shards, in listing order)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_dataset(path)
+    if path.suffix == ".npy":
+        return [r[0] for r in _read_csv(OutputPaths.for_output(path, "npy").ids)], np.load(path)
+    columns = ["id", "id_bytes", "feature"]
+    table = read_columns(path, [c for c in columns if c in pq.read_schema(path).names])
+    return ids_of(table), list_values(table.column("feature"))

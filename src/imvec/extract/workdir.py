@@ -4,10 +4,12 @@
 
 - ``job.json``: the provenance record (model, weights sha256, preprocessing). A rerun with
   a different record refuses to add to these parts.
-- ``part-*.parquet``: committed rows (``id``, ``path``, ``feature``, ``error``), failures
-  included so that they are not retried. Each part is written to ``*.tmp``, fsynced, then
-  renamed, and the folder fsynced: after ``kill -9`` or a power loss a part is either
-  complete or absent, never torn. Leftover ``*.tmp`` files are deleted on the next run.
+- ``part-*.parquet``: committed rows (``id`` and ``path`` as exact bytes, ``feature``,
+  ``error``, and the input's fingerprint: ``file_size``, ``file_mtime_ns``, ``file_hash``),
+  failures included so that they are not retried unless their file changes. Each part
+  is written to a temporary file, fsynced, then renamed, and the folder fsynced: after
+  ``kill -9`` or a power loss a part is either complete or absent, never torn. Leftover
+  temporary files are deleted on the next run.
 - ``.lock``: held while a process works here, released by the OS if it dies.
 
 The finished output is assembled from the parts by :mod:`imvec.extract.sink`.
@@ -21,7 +23,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +32,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
+from imvec._io import atomic_path, fsync_dir
 from imvec.errors import ImvecError
-from imvec.extract.arrow import fixed_size_lists, read_columns, strings
+from imvec.extract.arrow import decode_raw, fixed_size_lists, raw, read_columns, strings
+from imvec.extract.fingerprint import FINGERPRINT_FIELDS, Fingerprints
 from imvec.extract.provenance import differences
 
-__all__ = ["PartInfo", "ResumeError", "WorkDir", "fsync_dir", "part_schema", "work_dir_for"]
+__all__ = ["PartInfo", "ResumeError", "WorkDir", "part_schema", "work_dir_for"]
+
+UNSEEN = (-1, -1, None)  # the fingerprint of an image nobody looked at
 
 RECORD = "job.json"
 
@@ -48,37 +54,16 @@ def work_dir_for(output: Path) -> Path:
 
 
 def part_schema(dim: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("path", pa.string()),
-                      ("feature", pa.list_(pa.float32(), dim)), ("error", pa.string())])
+    return pa.schema([("id", pa.binary()), ("path", pa.binary()),
+                      ("feature", pa.list_(pa.float32(), dim)), ("error", pa.string()),
+                      *FINGERPRINT_FIELDS])
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, write) -> None:
-    """``write(file)`` into ``path.tmp``, fsync, rename to ``path``, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def write_durably(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary_path)``, then fsync and rename it to ``path`` (:mod:`imvec._io`).
+    Writers get a path, never a Python file object (see :func:`arrow.read_columns`)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def disk_error(exc: OSError, what: str, kept: str) -> ImvecError:
@@ -106,6 +91,10 @@ class WorkDir:
         self.commit_every, self.commit_seconds = commit_every, commit_seconds
         self.parts: list[PartInfo] = []
         self.done: set[str] = set()
+        # id -> (file_size, file_mtime_ns, file_hash) as recorded by the latest part
+        self.recorded: dict[str, tuple[int, int, str | None]] = {}
+        # id -> fingerprint taken before its image is read, for the rows to come
+        self.fingerprints: dict[str, tuple[int, int, str | None]] = {}
         self.notes: list[str] = []
         self._buffer: list[pa.Table] = []
         self._buffered = 0
@@ -142,7 +131,7 @@ class WorkDir:
                     "continue it, or pass --overwrite to discard it and start again")
         else:
             text = json.dumps(self.record, indent=1, sort_keys=True).encode()
-            write_durably(record_path, lambda f: f.write(text))
+            write_durably(record_path, lambda tmp: tmp.write_bytes(text))
         self._scan()
         return self
 
@@ -151,9 +140,9 @@ class WorkDir:
             tmp.unlink(missing_ok=True)  # a write that a crash interrupted
         for part in sorted(self.path.glob("part-*.parquet")):
             try:
-                table = read_columns(part, ["id"])
-                if pq.read_schema(part).field("feature").type != self.schema.field("feature").type:
-                    raise ValueError("feature size differs")
+                if pq.read_schema(part) != self.schema:
+                    raise ValueError("its columns differ (another size or an older imvec)")
+                table = read_columns(part, ["id", "file_size", "file_mtime_ns", "file_hash"])
             except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
                 aside = part.with_name(part.name + ".unreadable")
                 os.replace(part, aside)
@@ -161,10 +150,18 @@ class WorkDir:
                                   "are computed again")
                 continue
             self.parts.append(PartInfo(part, table.num_rows))
-            self.done.update(table.column("id").to_pylist())
+            self._record(table)
         numbers = [int(p.path.stem.split("-")[1]) for p in self.parts
                    if p.path.stem.split("-")[1].isdigit()]
         self._counter = max(numbers, default=-1) + 1
+
+    def _record(self, table: pa.Table) -> None:
+        ids = decode_raw(table.column("id"))
+        self.done.update(ids)
+        self.recorded.update(zip(ids, zip(table.column("file_size").to_pylist(),
+                                          table.column("file_mtime_ns").to_pylist(),
+                                          table.column("file_hash").to_pylist(), strict=True),
+                                 strict=True))
 
     def release(self) -> None:
         if self._lock is not None:
@@ -175,7 +172,8 @@ class WorkDir:
     def add(self, ids: Sequence[str], paths: Sequence[str], features: np.ndarray | None,
             errors: Sequence[str | None]) -> None:
         """Rows of one batch; ``features[i]`` is ignored where ``errors[i]`` is set."""
-        self._buffer.append(make_part_table(ids, paths, features, errors, self.dim))
+        prints = [self.fingerprints.get(i, UNSEEN) for i in ids]
+        self._buffer.append(make_part_table(ids, paths, features, errors, self.dim, prints))
         self._buffered += len(ids)
         if (self._buffered >= self.commit_every
                 or time.monotonic() - self._last_commit >= self.commit_seconds):
@@ -190,7 +188,7 @@ class WorkDir:
         commit_table(table, path, done=len(self.done))
         self._counter += 1
         self.parts.append(PartInfo(path, table.num_rows))
-        self.done.update(table.column("id").to_pylist())
+        self._record(table)
         self._buffer, self._buffered = [], 0
         self._last_commit = time.monotonic()
 
@@ -205,19 +203,21 @@ class WorkDir:
 
 
 def make_part_table(ids: Sequence[str], paths: Sequence[str], features: np.ndarray | None,
-                    errors: Sequence[str | None], dim: int) -> pa.Table:
+                    errors: Sequence[str | None], dim: int,
+                    prints: Sequence[tuple[int, int, str | None]] | None = None) -> pa.Table:
     n = len(ids)
+    prints = Fingerprints.from_rows(prints or [UNSEEN] * n)
     failed = np.array([e is not None for e in errors], dtype=bool)
     values = np.zeros((n, dim), np.float32) if features is None else np.asarray(
         features, dtype=np.float32).reshape(n, dim)
-    return pa.table([strings(ids), strings(paths), fixed_size_lists(values, ~failed),
-                     strings(errors)], schema=part_schema(dim))
+    return pa.table([raw(ids), raw(paths), fixed_size_lists(values, ~failed), strings(errors),
+                     *prints.arrays()], schema=part_schema(dim))
 
 
 def commit_table(table: pa.Table, path: Path, done: int = 0) -> None:
     """Write one part durably; a failure leaves no file and says what is kept."""
     try:
-        write_durably(path, lambda f: pq.write_table(table, f, use_dictionary=False))
+        write_durably(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=False))
     except OSError as exc:
         raise disk_error(exc, f"part {path}",
                          f"{done} images committed earlier are kept in {path.parent}.") from exc

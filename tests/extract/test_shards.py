@@ -1,0 +1,222 @@
+"""Output folders (issue 19): shards written where computed, done markers, per-shard resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from extract_helpers import make_folder, pattern, random_mobilenet, save
+
+import imvec
+from imvec.extract import ExtractJob, read_features, read_metadata, run
+from imvec.extract.shards import done_marker, shard_path, write_shard
+from imvec.extract.workdir import ResumeError
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return random_mobilenet(tmp_path_factory.mktemp("weights") / "random.safetensors")
+
+
+@pytest.fixture(scope="module")
+def module(weights):
+    return imvec.load(weights)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    folder = make_folder(tmp_path_factory.mktemp("in"), 20)
+    (folder / "group1" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, collection, module):
+    """The single-file result: what every output folder must hold."""
+    out = tmp_path_factory.mktemp("ref") / "ref.parquet"
+    run(job(collection, module, out))
+    return read_features(out)
+
+
+def job(folder, model, out, **options):
+    options = {"progress": False, "workers": 1, "size": SIZE, "shard_size": 6, **options}
+    return ExtractJob((str(folder),), model, out, **options)
+
+
+def assert_equal_to(result, reference):
+    ids, vectors = result
+    assert ids == reference[0]  # every image exactly once, in listing order
+    np.testing.assert_allclose(vectors, reference[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_folder_is_one_table_for_every_reader(tmp_path, collection, module, reference):
+    out = tmp_path / "features"
+    result = run(job(collection, module, out))
+    assert (result.total, result.ok, result.failed) == (21, 20, 1)
+    assert sorted(p.name for p in out.glob("*.parquet")) == [
+        f"shard-{k:05d}.parquet" for k in range(4)]  # 21 images, 6 per shard
+    assert "broken.jpg,not an image" in (out / "_errors.csv").read_text()
+    assert_equal_to(read_features(out), reference)
+    table = ds.dataset(out, format="parquet").to_table()
+    assert table.column("id").to_pylist() == reference[0]
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_parquet(out)
+    np.testing.assert_array_equal(np.stack(frame["feature"].to_numpy()),
+                                  read_features(out)[1])
+    pl = pytest.importorskip("polars")
+    assert pl.read_parquet(out / "*.parquet")["id"].to_list() == reference[0]
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(f"SELECT id, len(feature) FROM '{out}/*.parquet' ORDER BY id").fetchall()
+    assert rows == sorted((i, 256) for i in reference[0])
+    record = read_metadata(out)
+    shard = ds.dataset(out, format="parquet").schema.metadata
+    assert json.loads(shard[b"imvec"])["model"] == record["model"]
+    again = run(job(collection, module, out))
+    assert again.computed == 0 and "already complete" in again.notes[-1]
+
+
+def test_write_shard_is_atomic_and_marks_done_last(tmp_path, module):
+    from imvec.extract.provenance import describe, preprocessing_for
+
+    record = describe(module, preprocessing_for(module, SIZE, None, None), "parquet")
+    vectors = np.arange(2 * 256, dtype=np.float32).reshape(2, 256)
+    path = write_shard(tmp_path, 3, ["a.jpg", "b.jpg"], vectors, record,
+                       failures=[{"id": "c.jpg", "path": "c.jpg", "reason": "not an image",
+                                  "file_size": 3, "file_mtime_ns": 1, "file_hash": None}])
+    assert path == shard_path(tmp_path, 3) and done_marker(tmp_path, 3).is_file()
+    marker = json.loads(done_marker(tmp_path, 3).read_text())
+    assert (marker["rows"], marker["failures"][0]["id"]) == (2, "c.jpg")
+    table = ds.dataset(tmp_path, format="parquet").to_table()
+    np.testing.assert_array_equal(np.stack(table.column("feature").to_numpy(
+        zero_copy_only=False)), vectors)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "00003.json", "_done", "shard-00003.parquet"]  # no temporary file left
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, collection, weights,
+                                                       reference):
+    out = tmp_path / "features"
+    command = [sys.executable, "-m", "imvec.cli", "extract", str(collection), "--model",
+               str(weights), "-o", str(out), "--size", str(SIZE), "--workers", "1",
+               "--batch-size", "2", "--shard-size", "3", "--quiet"]
+    killed = 0
+    for wanted in (2, 4):  # kill once 2 shards are done, then once 4 are
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while (process.poll() is None and time.monotonic() < deadline
+               and len(list(out.glob("_done/*.json"))) < wanted):
+            time.sleep(0.005)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            killed += 1
+        process.wait(timeout=60)
+    assert killed == 2, "the job finished before it could be killed twice"
+    assert len(list(out.glob("_done/*.json"))) < 7
+    final = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert "21 images" in final.stdout and "done by an earlier run" in final.stdout
+    assert_equal_to(read_features(out), reference)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_resume_recomputes_only_shards_whose_inputs_or_weights_changed(tmp_path, module):
+    folder = make_folder(tmp_path / "in", 12)
+    out = tmp_path / "features"
+    run(job(folder, module, out))
+    shards = sorted(out.glob("shard-*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    changed = sorted(folder.rglob("*.jpg"))[0]  # listed first: shard 0
+    mtime = changed.stat().st_mtime_ns
+    save(pattern(64, 64, seed=99), changed)
+    os.utime(changed, ns=(mtime + 10**9, mtime + 10**9))
+    marker = done_marker(out, 1)
+    marker.write_text(marker.read_text().replace(
+        json.loads(marker.read_text())["weights_sha256"], "0" * 64))
+    result = run(job(folder, module, out))
+    assert result.computed == 12
+    assert "1 images changed since they were computed" in " ".join(result.notes)
+    assert "1 shards were computed with other weights" in " ".join(result.notes)
+    assert [p.stat().st_mtime_ns != s for p, s in zip(shards, stamps, strict=True)] == [
+        True, True]
+    fresh = run(job(folder, module, tmp_path / "again", overwrite=True))
+    assert_equal_to(read_features(out), read_features(fresh.output))
+
+
+def test_other_inputs_are_refused_or_added_with_relist(tmp_path, module):
+    folder = make_folder(tmp_path / "in", 7)
+    out = tmp_path / "features"
+    run(job(folder, module, out))
+    other = tmp_path / "more"
+    save(pattern(64, 64, seed=5), other / "extra.png")
+    with pytest.raises(ResumeError, match="was made from .* pass --relist"):
+        run(job(other, module, out))
+    save(pattern(64, 64, seed=6), folder / "new.png")
+    assert run(job(folder, module, out)).computed == 0  # the manifest: no listing again
+    result = run(job(folder, module, out, relist=True))
+    assert result.computed == 1 and "1 images added by --relist" in result.notes
+    assert read_features(out)[0][-1] == "new.png"  # a new shard after the others
+    result = ExtractJob((str(folder), str(other)), module, out, progress=False, workers=1,
+                        size=SIZE, shard_size=6, relist=True)
+    assert run(result).computed == 1 and len(read_features(out)[0]) == 9
+
+
+def test_a_finished_folder_is_checked_without_reading_vectors(tmp_path, module,
+                                                             monkeypatch):
+    from imvec.extract import arrow, dataset
+
+    folder = make_folder(tmp_path / "in", 5)
+    out = tmp_path / "features"
+    run(job(folder, module, out))
+    real = arrow.read_columns
+
+    def no_vectors(path, columns):
+        assert "feature" not in columns, f"{path} read with its vectors"
+        return real(path, columns)
+
+    monkeypatch.setattr(dataset, "read_columns", no_vectors)
+    monkeypatch.setattr(arrow, "read_columns", no_vectors)
+    assert run(job(folder, module, out, verify_inputs=True)).computed == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux allows any bytes in a name")
+def test_names_that_are_not_utf8_in_a_folder(tmp_path, module):
+    folder = make_folder(tmp_path / "in", 2)
+    with open(os.path.join(os.fsencode(folder), b"\xff\xfe.jpg"), "wb") as f:
+        f.write((folder / "group0" / "img0000.jpg").read_bytes())
+    out = tmp_path / "features"
+    assert run(job(folder, module, out)).ok == 3
+    ids, _ = read_features(out)
+    assert os.fsdecode(b"\xff\xfe.jpg") in ids
+    assert run(job(folder, module, out)).computed == 0
+    assert pa.__version__  # the table readers see the id as text: \xff\xfe.jpg
+    assert "\\xff\\xfe.jpg" in ds.dataset(out, format="parquet").to_table().column(
+        "id").to_pylist()
+
+
+def test_the_doc_page_stays_true(tmp_path, collection, module, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from imvec.cli import build_parser
+
+    page = (Path(__file__).parents[2] / "docs" / "sharded-output.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", page, re.S):
+        for line in block.splitlines():
+            if line.startswith("imvec "):
+                build_parser().parse_args(shlex.split(line)[1:])
+    run(job(collection, module, tmp_path / "features"))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    (snippet,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    exec(snippet, scope)
+    assert scope["table"].num_rows == len(scope["ids"]) == 20
