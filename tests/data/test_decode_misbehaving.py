@@ -139,5 +139,5 @@ def test_other_messages_printed_while_decoding_still_reach_stderr(tmp_path, monk
 
 def test_without_opencv_a_damaged_jpeg_still_decodes_as_before(monkeypatch):
     """Pillow keeps libjpeg's warnings to itself: without OpenCV there is nothing to hear."""
-    monkeypatch.setattr(decode, "_cv2", lambda: None)
+    monkeypatch.setattr(decode, "opencv", lambda: None)
     assert decode_rgb(without_half_the_scan(jpeg())).shape == (120, 160, 3)

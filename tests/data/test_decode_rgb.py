@@ -120,6 +120,6 @@ def test_decode_from_bytes_equals_from_file(tmp_path):
 def test_without_opencv_pillow_decodes_the_same(tmp_path, monkeypatch):
     path = save_oriented(pattern(30, 40), tmp_path / "a.jpg", 8)
     expected = decode_rgb(path)
-    monkeypatch.setattr(decode, "_cv2", lambda: None)
+    monkeypatch.setattr(decode, "opencv", lambda: None)
     np.testing.assert_array_equal(decode_rgb(path), expected)
     np.testing.assert_array_equal(np.asarray(open_image(path)), expected)

@@ -126,7 +126,8 @@ def _upright(array: np.ndarray, orientation: int) -> np.ndarray:
     return array
 
 
-def _cv2():
+def opencv():
+    """OpenCV, or None where it is not installed (Pillow then decodes everything)."""
     try:
         import cv2
     except ImportError:  # the Pillow path still decodes everything
@@ -308,7 +309,7 @@ def decode_rgb(
             file = _open_regular(source)
         with file, _open_header(file) as image:
             _check_pixels(image, max_pixels)
-            cv2 = _cv2()
+            cv2 = opencv()
             if cv2 is not None and image.format == "JPEG":
                 array = _decode_jpeg(cv2, file, image, accept_truncated)
                 if array is not None:

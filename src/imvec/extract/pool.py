@@ -30,7 +30,7 @@ from multiprocessing.connection import wait as wait_for_any
 import numpy as np
 
 from imvec._system import trim_allocator, tune_allocator
-from imvec.data.decode import DEFAULT_DECODE_TIMEOUT, ImageDecodeError
+from imvec.data.decode import DEFAULT_DECODE_TIMEOUT, ImageDecodeError, opencv
 from imvec.data.preprocess import Preprocessing
 from imvec.data.remote import image_source
 from imvec.data.sources import Item
@@ -224,6 +224,9 @@ class DecodePool:
         if self.clocks is not None:
             self.clocks.started[:] = 0.0  # the last pool's images are no one's now
         self._killed = False
+        # OpenCV loaded here, not in the forked workers: a dlopen after fork can deadlock on
+        # the loader lock that another thread of this process held at the fork
+        opencv()
         self._executor = ProcessPoolExecutor(self.workers, mp_context=_context(),
                                              initializer=_init_worker,
                                              initargs=(os.getpid(), ring, self.clocks))
