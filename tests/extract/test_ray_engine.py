@@ -35,6 +35,66 @@ def setup(tmp_path_factory):
     return folder, weights, local
 
 
+# --- An output folder on Ray: actors write the shards -----------------------------------------
+# First in the module: with Ray 2.60 a raylet that already ran Ray Data jobs crashed (a failed
+# check in HandleRequestWorkerLease) when these actors were leased after them.
+
+def test_ray_engine_writes_an_output_folder_and_resumes_it(local_ray, setup, tmp_path,
+                                                           monkeypatch):
+    folder, weights, _ = setup
+    options = {"size": 32, "progress": False, "shard_size": 8, "batch_size": 4}
+    local = run(ExtractJob((str(folder),), weights, tmp_path / "local", workers=1, **options))
+    out = tmp_path / "ray"
+    from imvec.extract import pipeline
+
+    real = pipeline.model_embedder
+
+    def crash_after_two(module, device):
+        embed, calls = real(module, device), []
+
+        def maybe(batch):
+            calls.append(1)
+            if len(calls) > 2:
+                raise KeyboardInterrupt
+            return embed(batch)
+
+        return maybe
+
+    monkeypatch.setattr(pipeline, "model_embedder", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):  # shard 0 written, then stopped in shard 1
+        run(ExtractJob((str(folder),), weights, out, workers=1, **options))
+    monkeypatch.undo()
+    result = run(ExtractJob((str(folder),), weights, out, engine="ray", **options))
+    assert (result.total, result.ok, result.failed) == (31, 30, 1)
+    assert 0 < result.computed < 31  # shard 0 was not computed again
+    ids, features = read_features(out)
+    local_ids, local_features = read_features(local.output)
+    assert ids == local_ids and len(set(ids)) == 30
+    np.testing.assert_allclose(features, local_features, rtol=1e-5, atol=1e-6)
+    assert (out / "_errors.csv").read_text() == (local.output / "_errors.csv").read_text()
+
+
+@pytest.mark.parametrize("output", ["names", "names.parquet"])
+def test_ray_engine_keeps_names_that_are_not_utf8(local_ray, setup, tmp_path, output):
+    source, weights, _ = setup
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    odd = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")  # Latin-1 bytes, not UTF-8
+    (folder / odd).write_bytes((source / "group0" / "img0000.jpg").read_bytes())
+    (folder / "plain.jpg").write_bytes((source / "group1" / "img0001.jpg").read_bytes())
+    options = {"size": 32, "progress": False, "shard_size": 1}
+    result = run(ExtractJob((str(folder),), weights, tmp_path / output, engine="ray",
+                            **options))
+    local = run(ExtractJob((str(folder),), weights, tmp_path / f"local-{output}", workers=1,
+                           **options))
+    assert (result.ok, result.failed) == (2, 0)
+    ids, features = read_features(result.output)
+    assert sorted(ids) == sorted([odd, "plain.jpg"])
+    local_ids, local_features = read_features(local.output)
+    assert ids == local_ids
+    np.testing.assert_allclose(features, local_features, rtol=1e-5, atol=1e-6)
+
+
 def test_ray_engine_writes_what_the_local_engine_writes(local_ray, setup, tmp_path):
     folder, weights, local = setup
     result = run(ExtractJob((str(folder),), weights, tmp_path / "ray.parquet", size=32,
@@ -184,3 +244,4 @@ def test_actors_that_cannot_start_stop_the_job_instead_of_being_replaced_forever
 
     with pytest.raises(ImvecError, match="Ray actors fail to start"):
         schedule(lambda index: False, broken=True)
+

@@ -220,3 +220,55 @@ def test_the_doc_page_stays_true(tmp_path, collection, module, monkeypatch):
     (snippet,) = re.findall(r"```python\n(.*?)```", page, re.S)
     exec(snippet, scope)
     assert scope["table"].num_rows == len(scope["ids"]) == 20
+
+
+def test_the_listing_is_streamed_and_a_failed_one_leaves_no_manifest(tmp_path, module,
+                                                                      monkeypatch):
+    """Ids clash only when the listing ends: shards were written by then, and none may stay
+    for a later run to trust."""
+    from imvec.data import sources
+    from imvec.errors import InputError
+    from imvec.extract import dataset
+
+    out = tmp_path / "features"
+    first, second = make_folder(tmp_path / "a", 4), make_folder(tmp_path / "b", 4)
+    seen_on_disk = []
+
+    def streamed(inputs, path_column="path"):
+        for count, item in enumerate(sources.iter_images(inputs, path_column)):
+            if count == 3:  # shards 0 and 1 (of 1 image each) must be on disk by now
+                seen_on_disk.append(len(list(out.rglob("*.parquet"))))
+            yield item
+
+    monkeypatch.setattr(dataset, "iter_images", streamed)
+    with pytest.raises(InputError, match="ids name two different files"):
+        run(ExtractJob((str(first), str(second)), module, out, progress=False, workers=1,
+                       size=SIZE, shard_size=1))
+    assert seen_on_disk and seen_on_disk[0] >= 2  # written while listing, not after
+    assert not (out / "_manifest").exists() and not (out / "_imvec.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    result = run(job(first, module, out, shard_size=1))  # the folder is usable as new
+    assert (result.total, result.computed) == (4, 4)
+    single = run(job(first, module, tmp_path / "one.parquet")).output
+    assert read_features(out)[0] == read_features(single)[0]
+
+
+def test_a_manifest_left_by_a_killed_listing_is_not_trusted(tmp_path, module):
+    folder = make_folder(tmp_path / "in", 3)
+    out = tmp_path / "features"
+    (out / "_manifest").mkdir(parents=True)  # killed after the rename, before the job file
+    (out / "_manifest" / "00000.parquet").write_bytes(b"partial")
+    result = run(job(folder, module, out, shard_size=2))
+    assert (result.total, result.ok) == (3, 3)
+
+
+@pytest.mark.parametrize("output", ["s3://bucket/features", "s3://bucket/f.parquet"])
+def test_an_output_url_is_refused_and_no_local_folder_is_made(tmp_path, module, monkeypatch,
+                                                              output):
+    from imvec.errors import ImvecError
+
+    monkeypatch.chdir(tmp_path)
+    folder = make_folder(tmp_path / "in", 1)
+    with pytest.raises(ImvecError, match="writing to a URL is not supported yet"):
+        run(job(folder, module, output))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

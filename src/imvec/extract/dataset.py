@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from imvec._io import atomic_write_bytes, atomic_write_text
-from imvec.data.sources import Item, list_images
+from imvec.data.sources import Item, iter_images
 from imvec.errors import ImvecError
 from imvec.extract.arrow import read_columns
 from imvec.extract.fingerprint import Fingerprints, fingerprints, same
@@ -42,6 +43,8 @@ from imvec.extract.workdir import ResumeError
 
 __all__ = ["open_dataset", "plan", "run_dataset"]
 
+STAGING = ".listing"  # the manifest while it is written (hidden from Parquet readers)
+
 
 def _inputs(job: ExtractJob) -> list[str]:
     return [i if "://" in i else os.path.abspath(i) for i in job.inputs]
@@ -53,7 +56,9 @@ def open_dataset(job: ExtractJob, record: dict) -> dict:
     job_file = folder / JOB
     if job.overwrite:
         _clear(folder)
-    elif folder.is_dir() and not job_file.is_file() and any(
+    elif not job_file.is_file():
+        _drop_unfinished_listing(folder)
+    if folder.is_dir() and not job_file.is_file() and any(
             p.name != ".lock" for p in folder.iterdir()):
         raise ImvecError(f"{folder} exists and is not an imvec output folder (no {JOB}); "
                          "name an empty or new folder, or a .parquet file")
@@ -70,8 +75,7 @@ def open_dataset(job: ExtractJob, record: dict) -> dict:
         if job.relist:
             state = _relist(folder, job, state)
         return state
-    shards, images = write_manifest(folder, list_images(job.inputs, job.path_column),
-                                    job.shard_size)
+    shards, images = _write_listing(folder, job)
     state = {"record": record, "inputs": _inputs(job), "shard_size": job.shard_size,
              "shards": shards, "images": images}
     atomic_write_text(job_file, json.dumps(state, indent=1, sort_keys=True))  # listing done
@@ -80,7 +84,9 @@ def open_dataset(job: ExtractJob, record: dict) -> dict:
 
 def _relist(folder: Path, job: ExtractJob, state: dict) -> dict:
     known = manifest_ids(folder, state["shards"])
-    new = (i for i in list_images(job.inputs, job.path_column) if i.id not in known)
+    # new shards go after the last one the job file counts: a listing that fails (an id
+    # clash is raised when it ends) leaves files that no run reads, and the next overwrites
+    new = (i for i in iter_images(job.inputs, job.path_column) if i.id not in known)
     shards, images = write_manifest(folder, new, state["shard_size"], first=state["shards"])
     state = {**state, "inputs": _inputs(job),
              "shards": state["shards"] + shards, "images": state["images"] + images,
@@ -89,10 +95,37 @@ def _relist(folder: Path, job: ExtractJob, state: dict) -> dict:
     return state
 
 
+def _write_listing(folder: Path, job: ExtractJob) -> tuple[int, int]:
+    """The listing, streamed into the manifest a shard at a time (driver memory: one shard),
+    staged and renamed into place whole: a listing that fails (an id clash is raised only
+    when it ends) leaves no manifest. The job file, written after, marks it complete."""
+    staging = folder / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        counts = write_manifest(staging, iter_images(job.inputs, job.path_column),
+                                job.shard_size)
+        (staging / MANIFEST).replace(folder / MANIFEST)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def _drop_unfinished_listing(folder: Path) -> None:
+    """A manifest without a job file is a listing killed before it ended: never trusted.
+    Removed only where the folder holds nothing else and it only our shard names."""
+    shutil.rmtree(folder / STAGING, ignore_errors=True)
+    manifest = folder / MANIFEST
+    if not manifest.is_dir() or any(p.name not in (MANIFEST, ".lock")
+                                    for p in folder.iterdir()):
+        return
+    if all(re.fullmatch(r"\d{5,}\.parquet", p.name) for p in manifest.iterdir()):
+        shutil.rmtree(manifest, ignore_errors=True)
+
+
 def _clear(folder: Path) -> None:
     if not folder.is_dir():
         return
-    for name in (MANIFEST, DONE):
+    for name in (MANIFEST, DONE, STAGING):
         shutil.rmtree(folder / name, ignore_errors=True)
     for path in [*folder.glob("shard-*.parquet"), folder / JOB, folder / ERRORS]:
         path.unlink(missing_ok=True)

@@ -48,7 +48,8 @@ def _decode(batch: dict, preprocessing: Preprocessing) -> dict:
         import cv2
 
         cv2.setNumThreads(1)  # a task holds one CPU; OpenCV would start one thread per core
-    items = [Item(str(i), str(p)) for i, p in zip(batch["id"], batch["path"], strict=True)]
+    items = [Item(i, p) for i, p in zip(_names(batch["id"]), _names(batch["path"]),
+                                        strict=True)]
     images = np.zeros((len(items), *preprocessing.size, 3), np.float32)
     errors = decode_into(preprocessing, items, images)
     return {"id": batch["id"], "path": batch["path"], "image": images,
@@ -90,12 +91,21 @@ def actor_threads(cpus: int, replicas: int, gpus: int) -> int:
     return user_threads() or (1 if gpus else max(1, cpus // max(1, replicas)))
 
 
+def _names(values: Iterable) -> list[str]:
+    """Ids or paths from a batch's column of exact bytes (:func:`arrow.raw`)."""
+    return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+            for v in values]
+
+
 def _blocks(todo: Sequence[Item], replicas: int) -> list:
     """The image list as Arrow tables: enough blocks to keep every replica busy, each small
-    enough that a retried task redoes little."""
+    enough that a retried task redoes little. Names as exact bytes: a name that is not
+    UTF-8 (a str with lone surrogates) is no valid Arrow string."""
     import pyarrow as pa
 
-    table = pa.table({"id": [i.id for i in todo], "path": [i.path for i in todo]})
+    from imvec.extract.arrow import raw
+
+    table = pa.table({"id": raw([i.id for i in todo]), "path": raw([i.path for i in todo])})
     count = int(np.clip(len(todo) // 64, 2 * replicas, 10_000))
     size = -(-len(todo) // max(1, min(count, len(todo))))
     return [table.slice(start, size) for start in range(0, len(todo), size)]
@@ -136,7 +146,7 @@ def run_ray(module: Module, todo: Sequence[Item], work: WorkDir, preprocessing: 
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
             errors = [str(e) or None for e in batch["error"]]
-            work.add([str(i) for i in batch["id"]], [str(p) for p in batch["path"]],
+            work.add(_names(batch["id"]), _names(batch["path"]),
                      batch["feature"], errors)
             progress(len(errors))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from imvec.data.remote import is_url
 from imvec.data.sources import Item, list_images
 from imvec.errors import ImvecError
 from imvec.extract.dataset import run_dataset
@@ -49,6 +51,10 @@ def run(job: ExtractJob) -> ExtractResult:
     then stays in the work folder for the next run.
     """
     start = time.perf_counter()
+    if is_url(os.fspath(job.output)):  # Path() would make s3://b/x a local folder "s3:/b/x"
+        raise ImvecError(f"-o {os.fspath(job.output)}: writing to a URL is not supported yet; "
+                         "write to a local or shared folder (every Ray node must see it) "
+                         "and copy it to the store after (e.g. aws s3 sync)")
     module = load_module(job.model, job.precision)
     device = _device(job)
     preprocessing = preprocessing_for(module, job.size, job.crop, job.max_pixels,
@@ -109,15 +115,21 @@ def _compute(job, module, todo, work, preprocessing, device, update) -> None:
 
 def _shard_computer(job, module, record, preprocessing, device) -> Callable:
     """``compute(pending, state, todo)`` for an output folder: shards written as they end."""
-    if job.engine == "ray":
-        raise ImvecError("--engine ray writes a single .parquet file for now; name one, or "
-                         "use the local engine for an output folder")
-
     def compute(pending: list[int], state: dict, todo: int) -> None:
         from imvec.extract.pipeline import run_shards_local
 
         update, close = _progress_bar(job, state["images"], state["images"] - todo)
         batch_size = job.batch_size or default_batch_size(module.card.network, device.type)
+        if job.engine == "ray":
+            from imvec.extract.ray_engine import run_shards_ray
+
+            try:  # each actor writes the shards it computed, with their done markers
+                run_shards_ray(module, Path(job.output), pending, state["shard_size"], record,
+                               preprocessing, batch_size, job.address, job.actors, update,
+                               job.verify_inputs)
+            finally:
+                close()
+            return
         if next(module.parameters()).device != device:
             module.to(device)
         try:
