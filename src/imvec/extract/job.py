@@ -16,9 +16,8 @@ __all__ = ["DEFAULT_BATCH_SIZES", "FORMATS", "ExtractJob", "ExtractResult", "def
 
 FORMATS = ("parquet", "npy")
 ENGINES = ("local", "ray")
-# Images per forward pass on a CPU, from measurements on 2 cores (benchmarks/bench_extract.py,
-# bench_large.py): the small networks keep gaining up to 32-64 images; the 331px ones gain
-# ~10% from 1 to 8 (AmoebaNet nothing, so it stays small: 0.27 GiB of activations per image).
+# Images per forward pass on a CPU, the fastest measured (benchmarks/results/extract.json,
+# large_networks.json); AmoebaNet stays small for its activations' memory.
 DEFAULT_BATCH_SIZES = {"mobilenet_v1": 64, "nasnet_mobile": 32, "nasnet_large": 8,
                        "pnasnet_large": 8, "amoebanet_a": 2}
 

@@ -34,11 +34,10 @@ _COMPARED = ("handle", "network", "hparams", "variant", "num_features", "weights
 
 
 def load_module(model: Any, precision: str | None = None) -> Module:
-    """A module loaded by name or path runs the eager ``fast`` engine: on a CPU shared with
-    the decoding workers, ONNX Runtime's thread pool gained nothing end to end (NASNet-mobile
-    72 vs 72 img/s, MobileNet 381 vs 372 on 2 cores, benchmarks/bench_extract.py) and cost
-    an export on first use. A Module passed in keeps its engine and precision; so does
-    $IMVEC_ENGINE."""
+    """A module loaded by name or path runs the eager ``fast`` engine: beside the decoding
+    workers ONNX Runtime gained nothing end to end and costs an export on first use
+    (benchmarks/results/extract.json). A Module passed in keeps its engine and precision;
+    so does $IMVEC_ENGINE."""
     if isinstance(model, Module):
         if precision is not None and check_precision(precision) != model.precision:
             raise ValueError(f"the module passed runs in {model.precision}, not {precision}; "
