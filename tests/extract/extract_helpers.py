@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageOps
 
@@ -73,3 +74,16 @@ def random_mobilenet(path: Path, seed: int = 0) -> Path:
     metadata = {"format": FORMAT, "arch": "mobilenet_v1_050_160", "network": "mobilenet_v1",
                 "hparams": json.dumps(hparams), "num_classes": "", "source": "random (tests)"}
     return save_converted(net, path, metadata)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random MobileNet weights, offline (a fixture: import it into a test module)."""
+    return random_mobilenet(tmp_path_factory.mktemp("weights") / "random.safetensors")
+
+
+@pytest.fixture(scope="module")
+def module(weights):
+    import imvec
+
+    return imvec.load(weights)

@@ -9,14 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import assert_close
-from extract_helpers import (
+from extract_helpers import (  # noqa: F401 (fixtures)
     BAD,
     GOOD,
     every_kind,
     make_folder,
-    random_mobilenet,
+    module,
     reference_features,
     save,
+    weights,
 )
 
 import imvec
@@ -26,16 +27,6 @@ from imvec.extract.workdir import ResumeError
 from imvec.weights.convert import read_metadata as weights_metadata
 
 SIZE = 32  # the sample images are 64x64: the reference resize is a 2x2 block mean
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return random_mobilenet(tmp_path_factory.mktemp("weights") / "random.safetensors")
-
-
-@pytest.fixture(scope="module")
-def module(weights):
-    return imvec.load(weights)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from extract_helpers import make_folder, pattern, random_mobilenet, save
+from extract_helpers import make_folder, module, pattern, save, weights  # noqa: F401 (fixtures)
 from PIL import Image
 from test_decode_misbehaving import _unblock_a_reader, without_half_the_scan
 
@@ -18,11 +18,6 @@ from imvec.extract import ExtractJob, read_features, read_metadata, run
 from imvec.extract.workdir import ResumeError
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return random_mobilenet(tmp_path_factory.mktemp("weights") / "random.safetensors")
 
 
 def job(folder, weights, output, **options):

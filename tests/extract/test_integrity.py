@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from extract_helpers import make_folder, pattern, random_mobilenet, save
+from extract_helpers import make_folder, module, pattern, save, weights  # noqa: F401 (fixtures)
 
 import imvec
 from imvec.extract import ExtractJob, read_features, read_metadata, run
@@ -19,16 +19,6 @@ from imvec.weights.convert import read_metadata as weights_metadata
 from imvec.weights.convert import save_converted
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return random_mobilenet(tmp_path_factory.mktemp("weights") / "random.safetensors")
-
-
-@pytest.fixture(scope="module")
-def module(weights):
-    return imvec.load(weights)
 
 
 def job(folder, model, out, **options):

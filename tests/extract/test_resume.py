@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from extract_helpers import make_folder, random_mobilenet, save
+from extract_helpers import make_folder, module, save, weights  # noqa: F401 (fixtures)
 
 import imvec
 from imvec.errors import ImvecError
@@ -20,16 +20,6 @@ from imvec.extract import ExtractJob, read_features, run, workdir
 from imvec.extract.workdir import ResumeError
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return random_mobilenet(tmp_path_factory.mktemp("weights") / "random.safetensors")
-
-
-@pytest.fixture(scope="module")
-def module(weights):
-    return imvec.load(weights)
 
 
 def job(folder, model, out, **options):

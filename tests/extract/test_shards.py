@@ -11,24 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-from extract_helpers import make_folder, pattern, random_mobilenet, save
+from extract_helpers import make_folder, module, pattern, save, weights  # noqa: F401 (fixtures)
 
-import imvec
 from imvec.extract import ExtractJob, read_features, read_metadata, run
 from imvec.extract.shards import done_marker, shard_path, write_shard
 from imvec.extract.workdir import ResumeError
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return random_mobilenet(tmp_path_factory.mktemp("weights") / "random.safetensors")
-
-
-@pytest.fixture(scope="module")
-def module(weights):
-    return imvec.load(weights)
 
 
 @pytest.fixture(scope="module")
