@@ -32,6 +32,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int | None:
+    """This process's umask, read without changing it (``os.umask`` sets it; Linux only)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _give_usual_mode(path: Path) -> None:
+    """The mode a new file gets from ``open``: some writers (safetensors) make theirs 0600,
+    so a converted model in a shared cache was unreadable by the other users."""
+    mask = _umask()
+    if mask is not None:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that takes a file name (safetensors,
@@ -41,6 +61,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
     tmp = _temporary(path)
     try:
         yield tmp
+        _give_usual_mode(tmp)
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
