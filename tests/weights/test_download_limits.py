@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
+import threading
+import time
 import zipfile
 
 import pytest
@@ -248,3 +251,28 @@ def test_a_server_that_drops_at_the_same_byte_without_ranges_is_given_up(origin)
     with pytest.raises(store.DownloadError, match="2 failed attempt.*connection closed"):
         store.fetch(url, backoff=0, clock=store.Clock.start(FAST))
     assert origin.count("/loop.tar.gz") == 3  # the first attempt made progress
+
+
+def test_a_name_lookup_that_never_answers_is_bounded_like_a_stall(origin, monkeypatch):
+    """A dead DNS server: getaddrinfo blocks (here until the test ends); urllib's timeout
+    does not cover it, so without the lookup deadline this download waited for the resolver."""
+    released = threading.Event()
+    real = socket.getaddrinfo
+
+    def dead_dns(host, *args, **kwargs):
+        if host == "dns-never-answers.test":
+            released.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dead_dns)
+    monkeypatch.delenv("IMVEC_MIRROR_BASE")
+    started = time.monotonic()
+    try:
+        with pytest.raises(store.DownloadError, match="name lookup of dns-never-answers.test"):
+            store.fetch("http://dns-never-answers.test/weights.tar.gz", backoff=0,
+                        clock=store.Clock.start(FAST))
+        assert time.monotonic() - started < FAST.source_s + 2 * FAST.stall_s + 1
+        store.fetch(origin.file("/after.tar.gz", DATA))  # real names still resolve
+    finally:
+        released.set()

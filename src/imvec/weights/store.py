@@ -38,6 +38,7 @@ from filelock import FileLock, Timeout
 from imvec._io import atomic_write_text
 from imvec._paths import home
 from imvec.errors import ChecksumError, ImvecError
+from imvec.weights.lookup import LookupTimeout, handlers
 
 __all__ = [
     "CacheEntry",
@@ -190,7 +191,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_Redirects)
+_OPENER = urllib.request.build_opener(_Redirects, *handlers())
 _RETRIABLE = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
               socket.timeout)
 _ENV_LIMITS = {"stall_s": "IMVEC_DOWNLOAD_STALL_S", "source_s": "IMVEC_DOWNLOAD_SOURCE_S",
@@ -509,7 +510,9 @@ def _download(url: str, fetch_from: str, part: Path, clock: Clock, backoff: floa
         except _RETRIABLE as e:
             reason = getattr(e, "reason", e)
             last = str(reason) or type(e).__name__
-            if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(
+            if isinstance(reason, LookupTimeout):
+                last = f"{reason} (is DNS reachable?)"
+            elif isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(
                     e, (TimeoutError, socket.timeout)):
                 last = f"no answer for {waited:.1f} s (stalled)"
             if isinstance(reason, socket.gaierror):  # no such host, or no DNS at all
