@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from extract_helpers import make_folder, pattern, save
+from extract_helpers import make_folder, pattern, save, weights  # noqa: F401 (fixture)
 from test_decode_misbehaving import _unblock_a_reader
 
 from imvec.data import preprocess
@@ -265,3 +265,33 @@ def test_a_worker_trims_memory_freed_inside_its_heap():
     resident_after_free, after_trim = int(out[0]), int(out[1])
     assert resident_after_free > 350  # the situation: freed, still resident
     assert resident_after_free - after_trim > 150
+
+
+WORKER_COLLECTS_THE_PARENTS_GARBAGE = """
+import gc, sys
+import numpy as np
+import imvec
+from imvec.data.preprocess import Preprocessing
+from imvec.extract.pool import DecodePool
+
+module = imvec.load(sys.argv[1], engine="onnxruntime")
+module(np.zeros((1, 32, 32, 3), np.float32))  # an ONNX Runtime session and its threads
+gc.disable()
+cycle = [module]
+cycle.append(cycle)
+del module, cycle  # unreachable, not collected yet: what a notebook often holds
+with DecodePool(Preprocessing((32, 32)), workers=1, batch_size=1) as pool:
+    print("collected", pool._executor.submit(gc.collect).result(timeout=60), flush=True)
+"""
+
+
+@fork_only
+def test_a_worker_never_runs_the_destructors_of_its_parents_garbage(weights):
+    """A forked worker whose garbage collector found the parent's unreachable ONNX Runtime
+    session ran its destructor without the session's threads, and blocked for good (seen
+    as every image of a job past the decode deadline)."""
+    pytest.importorskip("onnxruntime")
+    done = subprocess.run([sys.executable, "-c", WORKER_COLLECTS_THE_PARENTS_GARBAGE,
+                           str(weights)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]  # without the fix: TimeoutError
+    assert done.stdout.startswith("collected ")

@@ -14,6 +14,7 @@ reported; the others are decoded again.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -164,6 +165,21 @@ def _init_worker(parent: int, ring: np.ndarray | None, clocks: RowClocks | None)
         pass
 
 
+_OPEN_POOLS: set[int] = set()  # pools of this process whose workers are being forked
+
+
+def _leave_inherited_objects_alone() -> None:
+    """In a worker just forked: the garbage collector never visits what the parent left.
+    Collecting the parent's unreachable objects here ran their destructors without their
+    threads: an ONNX Runtime session's thread pool blocked the worker forever."""
+    if _OPEN_POOLS:
+        gc.freeze()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_leave_inherited_objects_alone)
+
+
 def _context() -> multiprocessing.context.BaseContext:
     """fork where it is safe (Linux): workers start instantly and inherit imports;
     elsewhere the platform default."""
@@ -227,6 +243,7 @@ class DecodePool:
         # OpenCV loaded here, not in the forked workers: a dlopen after fork can deadlock on
         # the loader lock that another thread of this process held at the fork
         opencv()
+        _OPEN_POOLS.add(id(self))
         self._executor = ProcessPoolExecutor(self.workers, mp_context=_context(),
                                              initializer=_init_worker,
                                              initargs=(os.getpid(), ring, self.clocks))
@@ -234,6 +251,7 @@ class DecodePool:
     def close(self) -> None:
         """Stops the workers; one stuck on an image gets ``deadline`` seconds, then is
         killed (a plain shutdown would wait for it forever)."""
+        _OPEN_POOLS.discard(id(self))
         if self._executor is None:
             return
         if self.deadline is None:
