@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from extract_helpers import make_folder, module, pattern, save, weights  # noqa: F401 (fixtures)
 
@@ -160,7 +161,8 @@ def test_other_inputs_are_refused_or_added_with_relist(tmp_path, module):
 
 def test_a_finished_folder_is_checked_without_reading_vectors(tmp_path, module,
                                                              monkeypatch):
-    from imvec.extract import arrow, dataset
+    from imvec.extract import arrow
+    from imvec.extract import folder as output_folder
 
     folder = make_folder(tmp_path / "in", 5)
     out = tmp_path / "features"
@@ -171,7 +173,7 @@ def test_a_finished_folder_is_checked_without_reading_vectors(tmp_path, module,
         assert "feature" not in columns, f"{path} read with its vectors"
         return real(path, columns)
 
-    monkeypatch.setattr(dataset, "read_columns", no_vectors)
+    monkeypatch.setattr(output_folder, "read_columns", no_vectors)
     monkeypatch.setattr(arrow, "read_columns", no_vectors)
     assert run(job(folder, module, out, verify_inputs=True)).computed == 0
 
@@ -251,13 +253,28 @@ def test_a_manifest_left_by_a_killed_listing_is_not_trusted(tmp_path, module):
     assert (result.total, result.ok) == (3, 3)
 
 
-@pytest.mark.parametrize("output", ["s3://bucket/features", "s3://bucket/f.parquet"])
-def test_an_output_url_is_refused_and_no_local_folder_is_made(tmp_path, module, monkeypatch,
-                                                              output):
+@pytest.mark.parametrize("output", ["s3://bucket/f.parquet", "s3://bucket/f.npy"])
+def test_a_single_file_url_is_refused_and_no_local_folder_is_made(tmp_path, module,
+                                                                  monkeypatch, output):
     from imvec.errors import ImvecError
 
     monkeypatch.chdir(tmp_path)
     folder = make_folder(tmp_path / "in", 1)
-    with pytest.raises(ImvecError, match="writing to a URL is not supported yet"):
+    with pytest.raises(ImvecError, match="a URL output must name a folder prefix"):
         run(job(folder, module, output))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_shard_whose_every_image_fails_is_done_with_no_rows(tmp_path, module):
+    """Shard 1 holds only broken files: it is written (no rows), marked done, and the
+    folder reads as the good images; a re-run has nothing to compute."""
+    folder = make_folder(tmp_path / "in", 3)
+    for name in ("x1.jpg", "x2.jpg", "x3.jpg"):  # listed after group*/: shard 1
+        (folder / name).write_bytes(b"not an image")
+    out = tmp_path / "features"
+    result = run(job(folder, module, out, shard_size=3))
+    assert (result.ok, result.failed) == (3, 3)
+    assert json.loads(done_marker(out, 1).read_text())["rows"] == 0
+    assert len(read_features(out)[0]) == 3
+    assert pq.read_table(shard_path(out, 1)).num_rows == 0
+    assert "already complete: nothing to compute" in run(job(folder, module, out)).notes

@@ -9,7 +9,8 @@ Parquet readers skip: ``_imvec.json`` (the job), ``_manifest/`` (the listing),
 :func:`write_shard` is the one writer, usable from any process that computed a shard (the
 local engine's main process, a Ray actor): the shard file is renamed into place complete,
 then its marker is; a shard without a marker is computed again, so a crash at any moment
-leaves every image either done once or to do.
+leaves every image either done once or to do. The folder may be a URL prefix
+(``s3://bucket/features/``, see :mod:`.folder`).
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from imvec._io import atomic_path, atomic_write_text
 from imvec.errors import ImvecError
-from imvec.extract.arrow import list_values, read_columns
+from imvec.extract.arrow import list_values
 from imvec.extract.fingerprint import Fingerprints
+from imvec.extract.folder import Folder
 from imvec.extract.table import METADATA_KEY, ids_of, output_schema, output_table
 
 __all__ = ["DONE", "JOB", "dataset_record", "done_marker", "inputs_sha256", "is_dataset",
-           "read_dataset", "read_marker", "shard_path", "write_shard"]
+           "marker_name", "read_dataset", "read_marker", "shard_name", "shard_path",
+           "write_shard"]
 
 JOB = "_imvec.json"
 DONE = "_done"
@@ -42,12 +43,21 @@ def is_dataset(output: str | os.PathLike) -> bool:
     return Path(output).suffix.lower() not in (".parquet", ".npy")
 
 
-def shard_path(output_dir: str | os.PathLike, index: int) -> Path:
-    return Path(output_dir) / f"shard-{index:05d}.parquet"
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
 
 
-def done_marker(output_dir: str | os.PathLike, index: int) -> Path:
-    return Path(output_dir) / DONE / f"{index:05d}.json"
+def marker_name(index: int) -> str:
+    return f"{DONE}/{index:05d}.json"
+
+
+def shard_path(output_dir: str | os.PathLike | Folder, index: int) -> Path | str:
+    """The shard's local path, or URL."""
+    return Folder.of(output_dir).path(shard_name(index))
+
+
+def done_marker(output_dir: str | os.PathLike | Folder, index: int) -> Path | str:
+    return Folder.of(output_dir).path(marker_name(index))
 
 
 def inputs_sha256(ids: Sequence[str], prints: Fingerprints) -> str:
@@ -59,19 +69,22 @@ def inputs_sha256(ids: Sequence[str], prints: Fingerprints) -> str:
     return digest.hexdigest()
 
 
-def write_shard(output_dir: str | os.PathLike, shard_index: int, ids: Sequence[str],
+def write_shard(output_dir: str | os.PathLike | Folder, shard_index: int, ids: Sequence[str],
                 vectors: np.ndarray, metadata: dict, *, paths: Sequence[str] | None = None,
                 fingerprints: Fingerprints | None = None,
-                failures: Sequence[dict] = ()) -> Path:
+                failures: Sequence[dict] = ()) -> Path | str:
     """Write shard ``shard_index`` (its ok rows; ``failures``: one dict per failed image with
     id, path, reason, file_size, file_mtime_ns, file_hash) atomically, then its done marker.
 
     ``metadata``: the job's provenance record (:func:`provenance.describe`), plus optional
     ``"shard"`` entries (e.g. ``inputs_sha256``) stored as the shard's own provenance.
-    Returns the shard's path. Safe to call again for the same shard (it replaces both)."""
-    output_dir = Path(output_dir)
-    vectors = np.asarray(vectors, np.float32).reshape(len(ids), -1)
+    Returns the shard's path (or URL). Safe to call again for the same shard (it replaces
+    both)."""
+    folder = Folder.of(output_dir)
     record = {k: v for k, v in metadata.items() if k != "shard"}
+    # the width from the record: a shard whose every image failed has no row to infer it from
+    vectors = np.asarray(vectors, np.float32).reshape(len(ids),
+                                                      record["model"]["num_features"])
     shard = {"index": shard_index, "rows": len(ids), "failed": len(failures),
              **metadata.get("shard", {})}
     prints = fingerprints or Fingerprints.from_rows([(-1, -1, None)] * len(ids))
@@ -79,46 +92,50 @@ def write_shard(output_dir: str | os.PathLike, shard_index: int, ids: Sequence[s
     schema = schema.with_metadata({**schema.metadata,
                                    METADATA_KEY + b".shard": json.dumps(shard).encode()})
     table = output_table(ids, paths or ids, vectors, prints, schema)
-    path = shard_path(output_dir, shard_index)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, use_dictionary=False)  # by path (see arrow.read_columns)
-    marker = done_marker(output_dir, shard_index)
-    marker.parent.mkdir(exist_ok=True)
+    folder.write_table(shard_name(shard_index), table, use_dictionary=False)
     body = {**shard, "weights_sha256": record["model"]["weights_sha256"],
             "failures": list(failures)}
     # ASCII JSON escapes the lone surrogates of names that are not UTF-8: read back exactly
-    atomic_write_text(marker, json.dumps(body, sort_keys=True, ensure_ascii=True))
-    return path
+    folder.write_text(marker_name(shard_index),
+                      json.dumps(body, sort_keys=True, ensure_ascii=True))
+    return folder.path(shard_name(shard_index))
 
 
-def read_marker(output_dir: str | os.PathLike, index: int) -> dict | None:
+def read_marker(output_dir: str | os.PathLike | Folder, index: int) -> dict | None:
     """The done marker of a shard, or None (not done, or a marker a crash left torn)."""
     try:
-        return json.loads(done_marker(output_dir, index).read_text(encoding="utf-8"))
+        return json.loads(Folder.of(output_dir).read_text(marker_name(index)))
     except (OSError, ValueError):
         return None
 
 
-def dataset_record(output_dir: str | os.PathLike) -> dict:
-    """The provenance record of an output folder."""
+def _job_file(folder: Folder) -> dict:
     try:
-        return json.loads((Path(output_dir) / JOB).read_text())["record"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ImvecError(f"{output_dir} is not an imvec output folder (no readable {JOB}: "
+        state = json.loads(folder.read_text(JOB))
+    except (OSError, ValueError) as exc:
+        raise ImvecError(f"{folder} is not an imvec output folder (no readable {JOB}: "
                          f"{exc})") from exc
+    if not isinstance(state, dict) or "record" not in state:
+        raise ImvecError(f"{folder} is not an imvec output folder ({JOB} has no record)")
+    return state
 
 
-def read_dataset(output_dir: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+def dataset_record(output_dir: str | os.PathLike | Folder) -> dict:
+    """The provenance record of an output folder."""
+    return _job_file(Folder.of(output_dir))["record"]
+
+
+def read_dataset(output_dir: str | os.PathLike | Folder) -> tuple[list[str], np.ndarray]:
     """``(ids, features)`` of the done shards of an output folder, in listing order."""
-    dataset_record(output_dir)
-    shards = json.loads((Path(output_dir) / JOB).read_text())["shards"]
+    folder = Folder.of(output_dir)
+    state = _job_file(folder)
     ids: list[str] = []
     parts = []
-    for index in range(shards):
-        if read_marker(output_dir, index) is None:
+    for index in range(state["shards"]):
+        if read_marker(folder, index) is None:
             continue
-        table = read_columns(shard_path(output_dir, index), ["id", "id_bytes", "feature"])
+        table = folder.read_columns(shard_name(index), ["id", "id_bytes", "feature"])
         ids.extend(ids_of(table))
         parts.append(list_values(table.column("feature")))
-    dim = dataset_record(output_dir)["model"]["num_features"]
+    dim = state["record"]["model"]["num_features"]
     return ids, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
