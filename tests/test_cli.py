@@ -3,6 +3,7 @@
 import argparse
 import errno
 import inspect
+import json
 import re
 
 import numpy as np
@@ -106,9 +107,10 @@ def test_version(capsys):
 
 def test_defaults_and_choices_come_from_the_library():
     from imvec.data.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
-    from imvec.engines import PRECISIONS
+    from imvec.engines import ENGINES, PRECISIONS
     from imvec.export import FORMATS
-    from imvec.extract.job import ENGINES, ExtractJob
+    from imvec.extract.job import DEFAULT_ENGINE, RUNNERS, ExtractJob
+    from imvec.extract.neighbors import neighbors
     from imvec.finetune.config import PRECISIONS as AUTOCAST
     from imvec.finetune.config import FinetuneConfig
     from imvec.finetune.predict import predict
@@ -122,7 +124,16 @@ def test_defaults_and_choices_come_from_the_library():
 
     assert action("extract", "precision").choices == tuple(PRECISIONS)
     assert action("finetune", "precision").choices == AUTOCAST
-    assert action("extract", "engine").choices == ENGINES
+    assert action("extract", "runner").choices == RUNNERS
+    assert action("extract", "runner").default == ExtractJob.runner
+    for command in ("extract", "predict", "neighbors"):  # the inference engine
+        assert action(command, "engine").choices == ENGINES
+    assert action("extract", "engine").default is ExtractJob.engine is None
+    assert f"default: {DEFAULT_ENGINE}," in action("extract", "engine").help
+    assert action("neighbors", "engine").default is inspect.signature(
+        neighbors).parameters["engine"].default
+    assert action("predict", "engine").default == inspect.signature(
+        predict).parameters["engine"].default
     assert action("export", "format").choices == FORMATS
     assert action("extract", "max_pixels").default == DEFAULT_MAX_PIXELS
     assert action("extract", "decode_timeout").default == DEFAULT_DECODE_TIMEOUT
@@ -160,6 +171,63 @@ def test_old_spellings_still_work_with_a_note(command, old, new, dest, value, ca
     assert vars(before) == vars(now)
     shown = commands_help(parser, command)  # only the new spelling is shown
     assert (old[0] if old[0] != new[0] else old[1]) not in shown
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_engine_local_or_ray_is_the_old_spelling_of_runner(runner, capsys):
+    """--engine said where the job runs; it now takes the inference engine, and its old
+    values go to --runner with a one-line note."""
+    base = ["extract", "images", "-m", "nasnet_mobile", "-o", "x.parquet"]
+    parser = build_parser()
+    now = parser.parse_args([*base, "--runner", runner])
+    assert (now.runner, now.engine) == (runner, None) and capsys.readouterr().err == ""
+    for old in (["--engine", runner], [f"--engine={runner}"]):
+        before = parser.parse_args(base + old)
+        assert capsys.readouterr().err == (f"imvec: --engine {runner} is deprecated and will "
+                                           f"be removed; use --runner {runner}\n")
+        assert vars(before) == vars(now)
+    both = parser.parse_args([*base, "--engine", runner, "--engine", "faithful"])
+    assert (both.runner, both.engine) == (runner, "faithful")
+    capsys.readouterr()
+    shown = commands_help(parser, "extract")  # the old values are not offered
+    assert "--engine {auto,fast,compile,onnxruntime,faithful}" in " ".join(shown.split())
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--engine", "spark"])
+    assert "invalid choice: 'spark' (choose from 'auto', 'fast'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # predict never had them
+        parser.parse_args(["predict", "x.jpg", "-m", "run", "--engine", runner])
+
+
+def test_predict_engine_reaches_the_module(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from PIL import Image
+
+    from imvec import hub
+
+    predict = importlib.import_module("imvec.finetune.predict")  # the module, not the function
+    weights = tmp_path / "classifier.safetensors"
+    hub.Module.export(imvec.load("mobilenet_v1_050_160", variant="classification",
+                                 pretrained=False), weights)
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(tmp_path / "x.jpg")
+    loaded, real_load = [], predict.load
+
+    def load(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(predict, "load", load)
+    monkeypatch.setenv("IMVEC_ENGINE", "fast")  # the default, "auto", picks it
+    outputs = []
+    for option in ([], ["--engine", "faithful"]):
+        assert main(["predict", str(tmp_path / "x.jpg"), "-m", str(weights), "--json",
+                     *option]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        outputs.append(json.loads(line)["labels"])
+    assert [module.engine for module in loaded] == ["fast", "faithful"]
+    fast, faithful = ([(x["label"], x["probability"]) for x in o] for o in outputs)
+    assert [label for label, _ in fast] == [label for label, _ in faithful]
+    np.testing.assert_allclose([p for _, p in fast], [p for _, p in faithful], atol=2e-6)
 
 
 def commands_help(parser, command):

@@ -29,6 +29,8 @@ def _parse_hparam(text: str) -> tuple[str, Any]:
 RENAMED_OPTIONS = {"--central-crop": "--crop", "--image-size": "--size",
                    "--random-init": "--random-weights"}
 RENAMED_VALUES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Values that moved to another option: {option: (its old values, the option taking them)}.
+MOVED_VALUES = {"--engine": (("local", "ray"), "--runner")}
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -46,6 +48,33 @@ class _OldSpelling(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         _deprecated(option_string, RENAMED_OPTIONS[option_string])
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+class _Choices(tuple):
+    """An option's choices, as --help and errors list them, that also let its old values
+    through to the action (:class:`_MovedValue`), which sends them where they belong."""
+
+    def __new__(cls, choices: Sequence[str], old: Sequence[str]) -> _Choices:
+        self = super().__new__(cls, choices)
+        self.old = tuple(old)
+        return self
+
+    def __contains__(self, value: object) -> bool:
+        return tuple.__contains__(self, value) or value in self.old
+
+
+class _MovedValue(argparse.Action):
+    """Stores a value, or sets an old one (:data:`MOVED_VALUES`) on the option that took it
+    over, with a note."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        old, new = MOVED_VALUES[self.option_strings[0]]
+        if values in old:
+            _deprecated(f"{option_string} {values}", f"{new} {values}")
+            setattr(namespace, new.lstrip("-").replace("-", "_"), values)
+        else:
+            setattr(namespace, self.dest, values)
 
 
 def _option(parser: argparse.ArgumentParser, name: str, *, old: str | None = None,
@@ -81,6 +110,19 @@ def _add_variant(parser: argparse.ArgumentParser, help_text: str) -> None:
     from imvec.loader import VARIANTS
 
     parser.add_argument("--variant", choices=VARIANTS, help=help_text)
+
+
+def _add_engine(parser: argparse.ArgumentParser, default: str | None, shown: str,
+                old_values: bool = False) -> None:
+    """--engine: the inference engine, as imvec.load takes it (``shown``: the default in
+    words); ``old_values``: also take those that moved to another option (extract)."""
+    from imvec.engines import ENGINES
+
+    choices, action = ENGINES, "store"
+    if old_values:
+        choices, action = _Choices(ENGINES, MOVED_VALUES["--engine"][0]), _MovedValue
+    parser.add_argument("--engine", choices=choices, action=action, default=default,
+                        help=f"inference engine (see imvec.load; default: {shown})")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -268,8 +310,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
     job = ExtractJob(
         inputs=tuple(args.inputs), model=args.model, output=args.output, format=args.format,
         batch_size=args.batch_size, workers=args.workers, size=args.size, crop=args.crop,
-        max_pixels=args.max_pixels or None, path_column=args.path_column, engine=args.engine,
-        address=args.address, actors=args.actors, device=args.device,
+        max_pixels=args.max_pixels or None, path_column=args.path_column, runner=args.runner,
+        engine=args.engine, address=args.address, actors=args.actors, device=args.device,
         overwrite=args.overwrite, progress=not args.quiet, commit_every=args.commit_every,
         precision=args.precision, decode_timeout=args.decode_timeout or None,
         accept_truncated=args.accept_truncated, verify_inputs=args.verify_inputs,
@@ -288,7 +330,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
 def cmd_neighbors(args: argparse.Namespace) -> None:
     from imvec.extract import neighbors
 
-    (found,) = neighbors([args.query], args.index, k=args.k, model=args.model)
+    (found,) = neighbors([args.query], args.index, k=args.k, model=args.model,
+                         engine=args.engine)
     for rank, hit in enumerate(found, 1):
         print(f"{rank:3d}  {hit.score:.4f}  {hit.path}")
 
@@ -325,7 +368,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from imvec.finetune import predict
 
     results = predict(args.images, args.model, k=args.k, batch_size=args.batch_size,
-                      central_fraction=args.central_fraction)
+                      central_fraction=args.central_fraction, engine=args.engine)
     failed = 0
     for result in results:
         if result.error:
@@ -428,6 +471,8 @@ def _add_predict_parser(sub: Any) -> None:
         "(its class names) or a TF-Hub classification module (the 1001 ImageNet labels).")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_model(predict, "run directory, .safetensors with logits, or handle / short name")
+    engine = _default_of(library_predict, "engine")
+    _add_engine(predict, engine, engine)
     k = _default_of(library_predict, "k")
     predict.add_argument("-k", type=int, default=k, help=f"labels per image (default: {k})")
     batch = _default_of(library_predict, "batch_size")
@@ -461,7 +506,8 @@ def _add_export_parser(sub: Any) -> None:
 def _add_extract_parser(sub: Any) -> None:
     from imvec.data.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
     from imvec.engines import PRECISIONS
-    from imvec.extract.job import ENGINES, FORMATS, ExtractJob
+    from imvec.engines.graph import ENV_ENGINE
+    from imvec.extract.job import DEFAULT_ENGINE, FORMATS, RUNNERS, ExtractJob
 
     extract = sub.add_parser(
         "extract", help="image collections to feature vectors (Parquet), resumable",
@@ -501,8 +547,12 @@ def _add_extract_parser(sub: Any) -> None:
     extract.add_argument("--relist", action="store_true",
                          help="output folder: list the inputs again and add new images")
     _add_path_column(extract, _default_of(ExtractJob, "path_column"))
-    extract.add_argument("--engine", choices=ENGINES, default=_default_of(ExtractJob, "engine"),
-                         help="local worker processes (default) or a Ray cluster")
+    runner = _default_of(ExtractJob, "runner")
+    extract.add_argument("--runner", choices=RUNNERS, default=runner,
+                         help=f"where the job runs: worker processes here or a Ray cluster "
+                         f"(default: {runner})")
+    _add_engine(extract, _default_of(ExtractJob, "engine"),
+                f"{DEFAULT_ENGINE}, or ${ENV_ENGINE} where set", old_values=True)
     extract.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     extract.add_argument("--actors", type=int,
                          help="Ray model replicas (default: one per GPU, else one per CPU)")
@@ -613,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     _add_extract_parser(sub)
 
+    from imvec.engines.graph import ENV_ENGINE
+    from imvec.extract.job import DEFAULT_ENGINE
     from imvec.extract.neighbors import neighbors
 
     nearest = sub.add_parser(
@@ -625,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     nearest.add_argument("-k", type=int, default=k, help=f"how many neighbors (default: {k})")
     _add_model(nearest, "the index's model, if its recorded source is not found here "
                "(checked against its weights sha256)", required=False)
+    _add_engine(nearest, _default_of(neighbors, "engine"),
+                f"{DEFAULT_ENGINE}, or ${ENV_ENGINE} where set")
     nearest.set_defaults(func=cmd_neighbors)
     _add_finetune_parser(sub)
     _add_predict_parser(sub)

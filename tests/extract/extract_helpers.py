@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
 
@@ -14,13 +15,18 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 
 from sample_images import every_kind, pattern, save  # noqa: E402
 
-__all__ = ["BAD", "GOOD", "every_kind", "make_folder", "pattern", "random_mobilenet",
+__all__ = ["BAD", "GOOD", "RAY_TOKEN", "every_kind", "make_folder", "pattern", "random_mobilenet",
            "reference_pixels", "reference_features", "save"]
 
 GOOD = ["alpha.png", "cmyk.jpg", "gray.jpg", "palette.gif", "rgb.jpg", "rotated.jpg",
         "sixteen.png"]
 BAD = {"empty.jpg": "empty file", "huge.png": "exceeds the limit", "text.jpg": "not an image",
        "truncated.jpg": "truncated"}
+
+# One token per test process: Ray (>= 2.59, token auth on) reads it once per process, so a
+# second local Ray started with another token was refused ("InvalidAuthToken"). Set in the
+# environment, it also keeps Ray from writing ~/.ray/auth_token.
+RAY_TOKEN = secrets.token_hex(32)
 
 
 def make_folder(root: Path, count: int, size: int = 64, seed: int = 0) -> Path:

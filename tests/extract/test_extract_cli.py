@@ -98,3 +98,42 @@ def test_extract_precision_option_reaches_the_output(setup, tmp_path, capsys):
         build_parser().parse_args(["extract", str(folder), "-m", "x", "-o", "y",
                                    "--precision", "float8"])
     assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_engine_option_reaches_the_module_and_a_resume_may_change_it(setup, tmp_path,
+                                                                      monkeypatch, capsys):
+    """--engine picks the inference engine of extract and neighbors; the engines give the
+    same vectors to float32 rounding, so the output does not record it and a rerun with
+    another engine finds the job done instead of refusing it."""
+    import importlib
+
+    import numpy as np
+
+    from imvec.extract import provenance, read_features
+
+    runner = importlib.import_module("imvec.extract.runner")
+    folder, weights = setup
+    engines = []
+
+    def spy(load_module):
+        def load(*args, **kwargs):
+            module = load_module(*args, **kwargs)
+            engines.append(module.engine)
+            return module
+        return load
+
+    monkeypatch.setattr(runner, "load_module", spy(runner.load_module))
+    monkeypatch.setattr(provenance, "load_module", spy(provenance.load_module))
+    monkeypatch.delenv("IMVEC_ENGINE", raising=False)
+    common = [str(folder), "-m", str(weights), "--size", "32", "-q"]
+    fast, faithful = tmp_path / "fast.parquet", tmp_path / "faithful.parquet"
+    assert main(["extract", *common, "-o", str(fast)]) == 0
+    assert main(["extract", *common, "-o", str(faithful), "--engine", "faithful"]) == 0
+    assert main(["extract", *common, "-o", str(fast), "--engine", "faithful"]) == 0
+    assert "already complete" in capsys.readouterr().err
+    query = str(sorted(folder.rglob("img*.jpg"))[0])
+    assert main(["neighbors", query, "--index", str(faithful), "--engine", "faithful"]) == 0
+    assert engines == ["fast", "faithful", "faithful", "faithful"]
+    (ids, a), (same_ids, b) = read_features(fast), read_features(faithful)
+    assert ids == same_ids
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -198,8 +198,12 @@ def test_job_options_are_checked_up_front(tmp_path, module):
         ExtractJob(("x",), module, tmp_path / "f.parquet", format="npy")
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ExtractJob(("x",), module, tmp_path / "f.parquet", batch_size=0)
-    with pytest.raises(ValueError, match="engine must be one of local, ray"):
+    with pytest.raises(ValueError, match="runner must be one of local, ray; got 'spark'"):
+        ExtractJob(("x",), module, tmp_path / "f.parquet", runner="spark")
+    with pytest.raises(ValueError, match="engine must be one of auto, fast, .*; got 'spark'"):
         ExtractJob(("x",), module, tmp_path / "f.parquet", engine="spark")
+    with pytest.raises(ValueError, match="address names a Ray cluster; use it with runner="):
+        ExtractJob(("x",), module, tmp_path / "f.parquet", address="auto")
     folder = make_folder(tmp_path / "in", 1)
     with pytest.raises(InputError, match="at least 32x32; got --size 16"):
         run(job(folder, module, tmp_path / "f.parquet", size=16))
@@ -239,6 +243,20 @@ def test_both_scheduling_modes_give_the_same_result(tmp_path, module, monkeypatc
     np.testing.assert_allclose(features, read_features(turns.output)[1], rtol=1e-5, atol=1e-6)
 
 
+def test_engine_was_the_old_name_of_runner(tmp_path, module):
+    """ExtractJob(engine="local"/"ray") still works, with a DeprecationWarning naming the
+    caller's line; engine= now takes the inference engine."""
+    for runner in ("local", "ray"):
+        with pytest.warns(DeprecationWarning, match=f"use runner='{runner}'") as caught:
+            job = ExtractJob(("x",), module, tmp_path / "f.parquet", engine=runner)
+        assert (job.runner, job.engine) == (runner, None)
+        assert caught[0].filename == __file__
+    with pytest.raises(ValueError, match="engine='local' .* contradicts runner='ray'"):
+        ExtractJob(("x",), module, tmp_path / "f.parquet", engine="local", runner="ray")
+    job = ExtractJob(("x",), module, tmp_path / "f.parquet", runner="ray", engine="faithful")
+    assert (job.runner, job.engine) == ("ray", "faithful")
+
+
 def test_models_loaded_by_name_run_the_fast_engine(weights, monkeypatch):
     from imvec.extract.provenance import load_module
 
@@ -246,9 +264,13 @@ def test_models_loaded_by_name_run_the_fast_engine(weights, monkeypatch):
     assert load_module(str(weights)).engine == "fast"  # measured: ORT gains nothing here
     monkeypatch.setenv("IMVEC_ENGINE", "faithful")
     assert load_module(str(weights)).engine == "faithful"
+    assert load_module(str(weights), engine="fast").engine == "fast"  # asked beats $IMVEC_ENGINE
     given = imvec.load(weights, engine="faithful")
     monkeypatch.delenv("IMVEC_ENGINE")
     assert load_module(given) is given
+    assert load_module(given, engine="auto") is load_module(given, engine="faithful") is given
+    with pytest.raises(ValueError, match="runs the 'faithful' engine, not 'fast'"):
+        load_module(given, engine="fast")
 
 
 def test_read_features_is_at_the_top_level():

@@ -1,4 +1,4 @@
-"""The Ray engine on a real two-node cluster started here (two `ray start` processes, token
+"""The Ray runner on a real two-node cluster started here (two `ray start` processes, token
 auth on): actors write their own shards of an output folder; losing the worker node mid-run
 costs only its shards in flight; an interrupted run resumes from the done shards. Every
 image exactly once, the vectors the module gives for those pixels and those of an
@@ -80,7 +80,7 @@ def setup(tmp_path_factory):
 
 
 def run(cluster, setup, output: Path, progress=lambda n: None):
-    """What `imvec extract photos/ -o output/ --engine ray` does, against the cluster, in a
+    """What `imvec extract photos/ -o output/ --runner ray` does, against the cluster, in a
     thread that must finish in time; (stats, {shard: node that wrote it})."""
     module, folder, _ = setup
     job = ExtractJob((str(folder),), module, output, size=32, shard_size=SHARD,

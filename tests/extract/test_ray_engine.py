@@ -1,10 +1,9 @@
-"""The Ray Data engine on a local Ray instance: same file as the local engine, same resume."""
+"""The Ray runner on a local Ray instance: same file as the local runner, same resume."""
 
-import secrets
 
 import numpy as np
 import pytest
-from extract_helpers import make_folder, random_mobilenet
+from extract_helpers import RAY_TOKEN, make_folder, random_mobilenet
 
 from imvec.extract import ExtractJob, read_features, read_metadata, run
 
@@ -15,9 +14,7 @@ pytest.importorskip("ray.data")
 @pytest.fixture(scope="module")
 def local_ray():
     with pytest.MonkeyPatch.context() as env:
-        # Ray >= 2.59 turns token auth on for a local cluster and, without a token, writes
-        # one to ~/.ray/auth_token: a test must not leave files in the user's home
-        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        env.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         yield
@@ -64,7 +61,7 @@ def test_ray_engine_writes_an_output_folder_and_resumes_it(local_ray, setup, tmp
     with pytest.raises(KeyboardInterrupt):  # shard 0 written, then stopped in shard 1
         run(ExtractJob((str(folder),), weights, out, workers=1, **options))
     monkeypatch.undo()
-    result = run(ExtractJob((str(folder),), weights, out, engine="ray", **options))
+    result = run(ExtractJob((str(folder),), weights, out, runner="ray", **options))
     assert (result.total, result.ok, result.failed) == (31, 30, 1)
     assert 0 < result.computed < 31  # shard 0 was not computed again
     ids, features = read_features(out)
@@ -72,6 +69,23 @@ def test_ray_engine_writes_an_output_folder_and_resumes_it(local_ray, setup, tmp
     assert ids == local_ids and len(set(ids)) == 30
     np.testing.assert_allclose(features, local_features, rtol=1e-5, atol=1e-6)
     assert (out / "_errors.csv").read_text() == (local.output / "_errors.csv").read_text()
+
+
+def test_ray_actors_run_the_engine_the_job_chose(local_ray, setup, monkeypatch):
+    """The module reaches the actors as run_ray and run_ray_shards send it (ray.put, then
+    ray.get in the actor), and its engine with it."""
+    from imvec.extract.provenance import load_module
+
+    _, weights, _ = setup
+    monkeypatch.delenv("IMVEC_ENGINE", raising=False)
+
+    @ray.remote(num_cpus=0)
+    def engine_in_a_worker(module_ref: list) -> str:
+        return ray.get(module_ref[0]).engine
+
+    for engine, expected in ((None, "fast"), ("faithful", "faithful")):
+        module = load_module(str(weights), engine=engine)
+        assert ray.get(engine_in_a_worker.remote([ray.put(module.cpu())])) == expected
 
 
 @pytest.mark.parametrize("output", ["names", "names.parquet"])
@@ -83,7 +97,7 @@ def test_ray_engine_keeps_names_that_are_not_utf8(local_ray, setup, tmp_path, ou
     (folder / odd).write_bytes((source / "group0" / "img0000.jpg").read_bytes())
     (folder / "plain.jpg").write_bytes((source / "group1" / "img0001.jpg").read_bytes())
     options = {"size": 32, "progress": False, "shard_size": 1}
-    result = run(ExtractJob((str(folder),), weights, tmp_path / output, engine="ray",
+    result = run(ExtractJob((str(folder),), weights, tmp_path / output, runner="ray",
                             **options))
     local = run(ExtractJob((str(folder),), weights, tmp_path / f"local-{output}", workers=1,
                            **options))
@@ -97,8 +111,11 @@ def test_ray_engine_keeps_names_that_are_not_utf8(local_ray, setup, tmp_path, ou
 
 def test_ray_engine_writes_what_the_local_engine_writes(local_ray, setup, tmp_path):
     folder, weights, local = setup
-    result = run(ExtractJob((str(folder),), weights, tmp_path / "ray.parquet", size=32,
-                            engine="ray", batch_size=4, progress=False))
+    with pytest.warns(DeprecationWarning, match="use runner='ray'"):  # the old spelling
+        job = ExtractJob((str(folder),), weights, tmp_path / "ray.parquet", size=32,
+                         engine="ray", batch_size=4, progress=False)
+    assert (job.runner, job.engine) == ("ray", None)
+    result = run(job)
     assert (result.total, result.ok, result.failed) == (31, 30, 1)
     ids, features = read_features(result.output)
     local_ids, local_features = read_features(local)
@@ -134,10 +151,11 @@ def test_ray_engine_continues_unfinished_work_and_keeps_the_resume_rule(local_ra
                        progress=False, workers=1))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="preprocessing crop was None, now 0.875"):
-        run(ExtractJob((str(folder),), weights, out, size=32, crop=0.875, engine="ray",
+        run(ExtractJob((str(folder),), weights, out, size=32, crop=0.875, runner="ray",
                        progress=False))
-    result = run(ExtractJob((str(folder),), weights, out, size=32, engine="ray",
-                            progress=False))
+    # another inference engine does not stop a resume: the vectors agree to float32 rounding
+    result = run(ExtractJob((str(folder),), weights, out, size=32, runner="ray",
+                            engine="faithful", progress=False))
     assert 0 < result.computed < 31 and result.total == 31
     ids, features = read_features(out)
     local_ids, local_features = read_features(local)

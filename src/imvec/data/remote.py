@@ -46,16 +46,16 @@ def local_path(source: str) -> str | None:
     return None
 
 
-def filesystem(url: str) -> tuple[Any, str]:
+def filesystem(url: str, **options: Any) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for ``url``; a clear error when the package
-    for its protocol is missing."""
+    for its protocol is missing. ``options``: for the filesystem (fsspec's storage options)."""
     try:
         from fsspec.core import url_to_fs
     except ImportError as exc:
         raise InputError(f"{url}: reading URLs needs fsspec; pip install 'imvec[remote]'"
                          ) from exc
     try:
-        return url_to_fs(url)
+        return url_to_fs(url, **options)
     except ImportError as exc:
         raise InputError(f"{url}: this protocol needs another package ({exc}); pip install "
                          "'imvec[remote]' for s3://, or the fsspec package for it") from exc

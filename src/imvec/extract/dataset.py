@@ -4,7 +4,7 @@ The driver holds O(shards): the listing lives in the manifest, what is done in t
 markers. A resume reads ``_imvec.json`` (refused if the model, preprocessing or inputs
 differ), then per shard its marker: a shard is computed again when it has none, when its
 weights digest differs, or when one of its inputs changed (size, mtime; with
-``verify_inputs`` the content digest).
+``verify_inputs`` the content digest). The folder may be a URL prefix (:mod:`.folder`).
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ import io
 import json
 import os
 import re
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
-from imvec._io import atomic_write_bytes, atomic_write_text
 from imvec.data.sources import Item, iter_images
 from imvec.errors import ImvecError
-from imvec.extract.arrow import read_columns
 from imvec.extract.fingerprint import Fingerprints, fingerprints, same
+from imvec.extract.folder import LOCK, Folder
 from imvec.extract.job import ExtractJob, ExtractResult
 from imvec.extract.manifest import MANIFEST, manifest_ids, read_manifest, write_manifest
 from imvec.extract.provenance import differences
@@ -35,7 +32,7 @@ from imvec.extract.shards import (
     JOB,
     inputs_sha256,
     read_marker,
-    shard_path,
+    shard_name,
     write_shard,
 )
 from imvec.extract.table import ids_of
@@ -52,17 +49,17 @@ def _inputs(job: ExtractJob) -> list[str]:
 
 def open_dataset(job: ExtractJob, record: dict) -> dict:
     """Check or create ``_imvec.json`` and the manifest; returns the job file's content."""
-    folder = Path(job.output)
-    job_file = folder / JOB
+    folder = Folder(job.output)
+    done = folder.is_file(JOB)
     if job.overwrite:
         _clear(folder)
-    elif not job_file.is_file():
+        done = False
+    elif not done:
         _drop_unfinished_listing(folder)
-    if folder.is_dir() and not job_file.is_file() and any(
-            p.name != ".lock" for p in folder.iterdir()):
+    if not done and any(name != LOCK for name in folder.names()):
         raise ImvecError(f"{folder} exists and is not an imvec output folder (no {JOB}); "
                          "name an empty or new folder, or a .parquet file")
-    state = json.loads(job_file.read_text()) if job_file.is_file() else None
+    state = json.loads(folder.read_text(JOB)) if done else None
     if state is not None:
         reasons = differences(state["record"], record)
         if reasons:
@@ -78,11 +75,11 @@ def open_dataset(job: ExtractJob, record: dict) -> dict:
     shards, images = _write_listing(folder, job)
     state = {"record": record, "inputs": _inputs(job), "shard_size": job.shard_size,
              "shards": shards, "images": images}
-    atomic_write_text(job_file, json.dumps(state, indent=1, sort_keys=True))  # listing done
+    folder.write_text(JOB, json.dumps(state, indent=1, sort_keys=True))  # listing done
     return state
 
 
-def _relist(folder: Path, job: ExtractJob, state: dict) -> dict:
+def _relist(folder: Folder, job: ExtractJob, state: dict) -> dict:
     known = manifest_ids(folder, state["shards"])
     # new shards go after the last one the job file counts: a listing that fails (an id
     # clash is raised when it ends) leaves files that no run reads, and the next overwrites
@@ -91,50 +88,45 @@ def _relist(folder: Path, job: ExtractJob, state: dict) -> dict:
     state = {**state, "inputs": _inputs(job),
              "shards": state["shards"] + shards, "images": state["images"] + images,
              "added": images}
-    atomic_write_text(folder / JOB, json.dumps(state, indent=1, sort_keys=True))
+    folder.write_text(JOB, json.dumps(state, indent=1, sort_keys=True))
     return state
 
 
-def _write_listing(folder: Path, job: ExtractJob) -> tuple[int, int]:
+def _write_listing(folder: Folder, job: ExtractJob) -> tuple[int, int]:
     """The listing, streamed into the manifest a shard at a time (driver memory: one shard),
     staged and renamed into place whole: a listing that fails (an id clash is raised only
     when it ends) leaves no manifest. The job file, written after, marks it complete."""
-    staging = folder / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
+    folder.remove(STAGING)
     try:
-        counts = write_manifest(staging, iter_images(job.inputs, job.path_column),
+        counts = write_manifest(folder.child(STAGING), iter_images(job.inputs,
+                                                                   job.path_column),
                                 job.shard_size)
-        (staging / MANIFEST).replace(folder / MANIFEST)
+        folder.move(f"{STAGING}/{MANIFEST}", MANIFEST)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        folder.remove(STAGING)
     return counts
 
 
-def _drop_unfinished_listing(folder: Path) -> None:
+def _drop_unfinished_listing(folder: Folder) -> None:
     """A manifest without a job file is a listing killed before it ended: never trusted.
     Removed only where the folder holds nothing else and it only our shard names."""
-    shutil.rmtree(folder / STAGING, ignore_errors=True)
-    manifest = folder / MANIFEST
-    if not manifest.is_dir() or any(p.name not in (MANIFEST, ".lock")
-                                    for p in folder.iterdir()):
+    folder.remove(STAGING)
+    names = folder.names()
+    if MANIFEST not in names or any(name not in (MANIFEST, LOCK) for name in names):
         return
-    if all(re.fullmatch(r"\d{5,}\.parquet", p.name) for p in manifest.iterdir()):
-        shutil.rmtree(manifest, ignore_errors=True)
+    if all(re.fullmatch(r"\d{5,}\.parquet", name) for name in folder.names(MANIFEST)):
+        folder.remove(MANIFEST)
 
 
-def _clear(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    for name in (MANIFEST, DONE, STAGING):
-        shutil.rmtree(folder / name, ignore_errors=True)
-    for path in [*folder.glob("shard-*.parquet"), folder / JOB, folder / ERRORS]:
-        path.unlink(missing_ok=True)
+def _clear(folder: Folder) -> None:
+    for name in (MANIFEST, DONE, STAGING, *folder.glob("shard-*.parquet"), JOB, ERRORS):
+        folder.remove(name)
 
 
-def _recorded(folder: Path, index: int, marker: dict) -> dict[str, tuple]:
+def _recorded(folder: Folder, index: int, marker: dict) -> dict[str, tuple]:
     """id -> fingerprint as shard ``index`` recorded it (its rows and its failures)."""
-    table = read_columns(shard_path(folder, index), ["id", "id_bytes", "file_size",
-                                                     "file_mtime_ns", "file_hash"])
+    table = folder.read_columns(shard_name(index), ["id", "id_bytes", "file_size",
+                                                    "file_mtime_ns", "file_hash"])
     found = dict(zip(ids_of(table), zip(table.column("file_size").to_pylist(),
                                       table.column("file_mtime_ns").to_pylist(),
                                       table.column("file_hash").to_pylist(), strict=True),
@@ -144,13 +136,14 @@ def _recorded(folder: Path, index: int, marker: dict) -> dict[str, tuple]:
     return found
 
 
-def plan(folder: Path, state: dict, record: dict, verify: bool,
+def plan(folder: str | os.PathLike | Folder, state: dict, record: dict, verify: bool,
          check_inputs: bool = True) -> tuple[list[int], list[str]]:
     """The shards to compute, and notes on why done ones are computed again."""
+    folder = Folder.of(folder)
     pending, changed, redone, other_weights = [], 0, 0, 0
     for index in range(state["shards"]):
         marker = read_marker(folder, index)
-        if marker is None or not shard_path(folder, index).is_file():
+        if marker is None or not folder.is_file(shard_name(index)):
             pending.append(index)
             continue
         if marker.get("weights_sha256") != record["model"]["weights_sha256"]:
@@ -180,8 +173,9 @@ def plan(folder: Path, state: dict, record: dict, verify: bool,
     return pending, notes
 
 
-def compute_shard(folder: Path, index: int, first: int, items: list[Item], pool, embed,
-                  record: dict, verify: bool, progress) -> None:
+def compute_shard(folder: str | os.PathLike | Folder, index: int, first: int,
+                  items: list[Item], pool, embed, record: dict, verify: bool,
+                  progress) -> None:
     """Decode and embed one shard's images, then write it (fingerprints taken first)."""
     prints = fingerprints([i.path for i in items], verify)
     ok: list[int] = []
@@ -216,9 +210,9 @@ def run_dataset(job: ExtractJob, record: dict, compute, start: float) -> Extract
     if job.format != "parquet":
         raise ValueError(f"an output folder holds Parquet shards; name a .{job.format} file "
                          "for that format")
-    folder = Path(job.output)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / ".lock"), timeout=0)
+    folder = Folder(job.output)
+    folder.mkdir()
+    lock = folder.lock()  # for a URL: this machine's processes only (see .folder)
     try:
         lock.acquire()
     except Timeout as exc:
@@ -237,11 +231,11 @@ def run_dataset(job: ExtractJob, record: dict, compute, start: float) -> Extract
         ok, failed = _finish(folder, state)
     finally:
         lock.release()
-    return ExtractResult(folder, folder / ERRORS, ok + failed, ok, failed, todo,
+    return ExtractResult(folder.path(), folder.path(ERRORS), ok + failed, ok, failed, todo,
                          time.perf_counter() - start, resumed=todo < ok + failed, notes=notes)
 
 
-def _finish(folder: Path, state: dict) -> tuple[int, int]:
+def _finish(folder: Folder, state: dict) -> tuple[int, int]:
     """Counts from the markers, and ``_errors.csv`` gathered from them."""
     ok = 0
     text = io.StringIO()
@@ -258,5 +252,5 @@ def _finish(folder: Path, state: dict) -> tuple[int, int]:
         for f in marker["failures"]:
             writer.writerow([f["path"], f["reason"], f["file_size"], f["file_mtime_ns"],
                              f["file_hash"] or ""])
-    atomic_write_bytes(folder / ERRORS, text.getvalue().encode("utf-8", "surrogateescape"))
+    folder.write_bytes(ERRORS, text.getvalue().encode("utf-8", "surrogateescape"))
     return ok, failed

@@ -1,21 +1,31 @@
-"""What an extraction job is (inputs, model, output, preprocessing, engine) and what it did."""
+"""What an extraction job is (inputs, model, output, preprocessing, engine, runner) and what
+it did."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imvec.data.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
+from imvec.engines import ENGINES
 
 if TYPE_CHECKING:
     from imvec.module import Module
 
-__all__ = ["DEFAULT_BATCH_SIZES", "FORMATS", "ExtractJob", "ExtractResult", "default_batch_size"]
+__all__ = ["DEFAULT_BATCH_SIZES", "DEFAULT_ENGINE", "FORMATS", "RUNNERS", "ExtractJob",
+           "ExtractResult", "default_batch_size"]
 
 FORMATS = ("parquet", "npy")
-ENGINES = ("local", "ray")
+# Where the job runs: worker processes here, or a Ray cluster. Formerly ``engine``, which
+# now names the inference engine, as in imvec.load.
+RUNNERS = ("local", "ray")
+# The inference engine of a model loaded by name or path when none is asked for: beside the
+# decoding workers ONNX Runtime gained nothing end to end and costs an export on first use
+# (benchmarks/results/extract.json).
+DEFAULT_ENGINE = "fast"
 # Images per forward pass on a CPU, the fastest measured (benchmarks/results/extract.json,
 # large_networks.json); AmoebaNet stays small for its activations' memory.
 DEFAULT_BATCH_SIZES = {"mobilenet_v1": 64, "nasnet_mobile": 32, "nasnet_large": 8,
@@ -37,10 +47,15 @@ class ExtractJob:
     ``format`` is None). ``size``: input size for variable-size modules (default: the card's).
     ``crop``: central fraction kept before resizing (``0.875`` = Inception style).
     ``commit_every``: images per committed part; a crash loses at most that much work.
+    ``runner``: "local" (worker processes here) or "ray" (a Ray cluster; ``address`` names
+    it, ``actors`` sets the model replicas).
+    ``engine``: the inference engine, as :func:`imvec.load` takes it; None:
+    :data:`DEFAULT_ENGINE` ("fast"), or ``$IMVEC_ENGINE`` where set. A loaded ``model``
+    keeps its own. Ray actors run the same engine (the module travels with it).
     ``precision``: "bfloat16" runs the model in bfloat16 (see :mod:`imvec.engines`); its
     vectors are recorded as such, and a resumed run must use the same precision.
     ``decode_timeout``: seconds one image may take to decode (None: no limit); a worker
-    stuck past it is replaced and the image reported (local engine).
+    stuck past it is replaced and the image reported (local runner).
     ``accept_truncated``: use JPEGs whose data is cut short or corrupt (gray where missing)
     instead of reporting them; recorded, so a resume must use the same setting.
     ``verify_inputs``: besides size and mtime, record a digest of each input file's bytes
@@ -59,13 +74,14 @@ class ExtractJob:
     crop: float | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     path_column: str = "path"
-    engine: str = "local"
+    runner: str = "local"
     address: str | None = None
     actors: int | None = None
     device: str | None = None
     overwrite: bool = False
     progress: bool = True
     commit_every: int = 1024
+    engine: str | None = None
     precision: str | None = None
     decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT
     accept_truncated: bool = False
@@ -85,8 +101,13 @@ class ExtractJob:
             raise ValueError(f"output {self.output} ends in {suffix} but the format is {fmt}; "
                              f"name it *.{fmt} or drop --format")
         object.__setattr__(self, "format", fmt)
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.engine in RUNNERS:
+            self._runner_from_old_engine()
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}; got {self.runner!r}")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)} (the inference "
+                             f"engine; where the job runs is runner=); got {self.engine!r}")
         for name in ("batch_size", "workers", "size", "actors"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -100,16 +121,27 @@ class ExtractJob:
                              f"for no limit); got {self.decode_timeout}")
         if self.crop is not None and not 0.0 < self.crop <= 1.0:
             raise ValueError(f"crop must be a fraction in (0, 1], e.g. 0.875; got {self.crop}")
-        if self.address is not None and self.engine != "ray":
-            raise ValueError("address names a Ray cluster; use it with engine='ray'")
+        if self.address is not None and self.runner != "ray":
+            raise ValueError("address names a Ray cluster; use it with runner='ray'")
+
+    def _runner_from_old_engine(self) -> None:
+        """``engine="local"/"ray"``, the spelling before ``runner``: still works, with a note."""
+        if self.runner not in ("local", self.engine):  # "local" is the default: not a choice
+            raise ValueError(f"engine={self.engine!r} (the old spelling of runner=) "
+                             f"contradicts runner={self.runner!r}; pass runner= only")
+        warnings.warn(f"ExtractJob(engine={self.engine!r}) is deprecated and will be removed; "
+                      f"use runner={self.engine!r} (engine= now picks the inference engine)",
+                      DeprecationWarning, stacklevel=4)
+        object.__setattr__(self, "runner", self.engine)
+        object.__setattr__(self, "engine", None)
 
 
 @dataclass
 class ExtractResult:
     """What a run did. ``ok + failed == total``; ``computed`` of them in this run."""
 
-    output: Path
-    errors: Path
+    output: Path | str  # str: a URL
+    errors: Path | str
     total: int
     ok: int
     failed: int

@@ -15,49 +15,52 @@ from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from imvec._io import atomic_path
 from imvec.data.sources import Item
-from imvec.extract.arrow import decode_raw, raw, read_columns
+from imvec.extract.arrow import decode_raw, raw
+from imvec.extract.folder import Folder
 
 __all__ = ["MANIFEST", "manifest_path", "read_manifest", "write_manifest"]
 
 MANIFEST = "_manifest"
 
 
-def manifest_path(output_dir: str | os.PathLike, index: int) -> Path:
-    return Path(output_dir) / MANIFEST / f"{index:05d}.parquet"
+def _name(index: int) -> str:
+    return f"{MANIFEST}/{index:05d}.parquet"
 
 
-def write_manifest(output_dir: str | os.PathLike, items: Iterable[Item], shard_size: int,
-                   first: int = 0) -> tuple[int, int]:
+def manifest_path(output_dir: str | os.PathLike | Folder, index: int) -> Path | str:
+    return Folder.of(output_dir).path(_name(index))
+
+
+def write_manifest(output_dir: str | os.PathLike | Folder, items: Iterable[Item],
+                   shard_size: int, first: int = 0) -> tuple[int, int]:
     """Write ``items`` as manifest shards ``first``, ``first + 1``, ...; returns (shards,
     images) written."""
-    (Path(output_dir) / MANIFEST).mkdir(parents=True, exist_ok=True)
+    folder = Folder.of(output_dir)
+    folder.mkdir(MANIFEST)
     stream: Iterator[Item] = iter(items)
     shards = images = 0
     while chunk := list(islice(stream, shard_size)):
         table = pa.table([raw([i.id for i in chunk]), raw([i.path for i in chunk])],
                          names=["id", "path"])
-        with atomic_path(manifest_path(output_dir, first + shards)) as tmp:
-            pq.write_table(table, tmp)
+        folder.write_table(_name(first + shards), table)
         shards += 1
         images += len(chunk)
     return shards, images
 
 
-def read_manifest(output_dir: str | os.PathLike, index: int) -> list[Item]:
+def read_manifest(output_dir: str | os.PathLike | Folder, index: int) -> list[Item]:
     """The inputs of shard ``index``, in listing order."""
-    table = read_columns(manifest_path(output_dir, index), ["id", "path"])
+    table = Folder.of(output_dir).read_columns(_name(index), ["id", "path"])
     return [Item(i, p) for i, p in zip(decode_raw(table.column("id")),
                                        decode_raw(table.column("path")), strict=True)]
 
 
-def manifest_ids(output_dir: str | os.PathLike, shards: int) -> set[str]:
+def manifest_ids(output_dir: str | os.PathLike | Folder, shards: int) -> set[str]:
     """Every id the manifest holds (for ``--relist``: the one step that holds them all)."""
+    folder = Folder.of(output_dir)
     ids: set[str] = set()
     for index in range(shards):
-        ids.update(decode_raw(read_columns(manifest_path(output_dir, index), ["id"])
-                              .column("id")))
+        ids.update(decode_raw(folder.read_columns(_name(index), ["id"]).column("id")))
     return ids

@@ -75,15 +75,16 @@ def nearest(index: str | os.PathLike, queries: np.ndarray, k: int = 10,
 
 
 def neighbors(query_images: Sequence[str | os.PathLike], index: str | os.PathLike,
-              k: int = 10, model=None) -> list[list[Neighbor]]:
-    """Nearest images in ``index`` to each query image, embedded as the index was."""
+              k: int = 10, model=None, engine: str | None = None) -> list[list[Neighbor]]:
+    """Nearest images in ``index`` to each query image, embedded as the index was;
+    ``engine``: the inference engine, as :class:`~imvec.extract.ExtractJob` takes it."""
     from imvec.extract.provenance import load_module, weights_sha256
 
     record = read_metadata(index)
     source = record["model"]["source"]
     if model is None:
         model = source if Path(source).is_file() else record["model"]["handle"]
-    module = load_module(model)
+    module = load_module(model, engine=engine)
     if weights_sha256(module) != record["model"]["weights_sha256"]:
         raise ImvecError(f"{index} was made with weights sha256 "
                          f"{record['model']['weights_sha256']}, but {module.source} has "

@@ -18,6 +18,7 @@ from imvec._version import __version__
 from imvec.data.preprocess import Preprocessing
 from imvec.engines.graph import ENV_ENGINE, check_precision
 from imvec.errors import InputError
+from imvec.extract.job import DEFAULT_ENGINE
 from imvec.loader import load
 from imvec.module import Module, get_expected_image_size
 from imvec.nets.mobilenet_v1 import MIN_INPUT_SIZE
@@ -29,23 +30,30 @@ FEATURES_FORMAT = "imvec-features/1"
 # What weights_sha256 digests; records without it hashed the file or copied its source's sha.
 WEIGHTS_IDENTITY = "tensors/1"
 # Keys whose change makes old and new vectors incomparable (the model's file path may move).
+# The inference engine is not among them, nor recorded: engines give the same vectors to
+# float32 rounding, so a resume may use another one.
 _COMPARED = ("handle", "network", "hparams", "variant", "num_features", "weights_sha256",
              "precision")
 
 
-def load_module(model: Any, precision: str | None = None) -> Module:
-    """A module loaded by name or path runs the eager ``fast`` engine: beside the decoding
-    workers ONNX Runtime gained nothing end to end and costs an export on first use
-    (benchmarks/results/extract.json). A Module passed in keeps its engine and precision;
-    so does $IMVEC_ENGINE."""
+def load_module(model: Any, precision: str | None = None, engine: str | None = None
+                ) -> Module:
+    """A module loaded by name or path runs ``engine`` (as :func:`imvec.load` takes it),
+    by default :data:`~imvec.extract.job.DEFAULT_ENGINE` unless ``$IMVEC_ENGINE`` names
+    one. A Module passed in keeps its engine and precision: asking for others is an error."""
     if isinstance(model, Module):
         if precision is not None and check_precision(precision) != model.precision:
             raise ValueError(f"the module passed runs in {model.precision}, not {precision}; "
                              f"load it with imvec.load(..., precision={precision!r}) or leave "
                              "precision unset")
+        if engine not in (None, "auto", model.engine):
+            raise ValueError(f"the module passed runs the {model.engine!r} engine, not "
+                             f"{engine!r}; load it with imvec.load(..., engine={engine!r}) or "
+                             "leave engine unset")
         return model
-    return load(model, engine=None if os.environ.get(ENV_ENGINE) else "fast",
-                      precision=precision)
+    if engine is None and not os.environ.get(ENV_ENGINE):
+        engine = DEFAULT_ENGINE
+    return load(model, engine=engine, precision=precision)
 
 
 def weights_sha256(module: Module) -> str:

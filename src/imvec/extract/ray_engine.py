@@ -4,7 +4,7 @@ To an output folder (:func:`run_shards_ray`): the driver hands out shard numbers
 actor reads its shard's part of the manifest, decodes (threads), embeds and writes the
 shard and its done marker itself, with the local engine's per-shard code. Nothing per image
 passes the driver; a lost node costs its shards in flight, which go to another actor.
-The output folder must be reachable from every node.
+The output folder must be reachable from every node (shared, or a URL prefix).
 
 To a single ``.parquet`` file (:func:`run_ray`, for small jobs): Ray tasks decode and
 resize (``map_batches`` over the image list), a pool of actors holds the model, one per GPU
@@ -12,7 +12,8 @@ when the cluster has GPUs, and the driver streams the results into the same work
 the local engine, from which the same Parquet file is assembled.
 
 Either way the images must be readable by the workers (a shared file system or URLs), and
-the model travels through Ray's object store.
+the model travels through Ray's object store, with its inference engine (the actors run
+the engine the job chose).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -233,7 +233,7 @@ def dataset_shard(folder: str, shard_size: int, record: dict, verify_inputs: boo
     from imvec.extract.manifest import read_manifest
 
     items = read_manifest(folder, index)
-    compute_shard(Path(folder), index, index * shard_size, items, decoder, embed, record,
+    compute_shard(folder, index, index * shard_size, items, decoder, embed, record,
                   verify_inputs, lambda n: None)
     return len(items)
 
@@ -245,7 +245,8 @@ def run_shards_ray(module: Module, folder, shards: Sequence[int], shard_size: in
                    ) -> RayShardStats:
     """Compute ``shards`` of an output folder on Ray, each written by the actor that
     computed it; the engine-ray twin of :func:`imvec.extract.pipeline.run_shards_local`.
-    The folder must be reachable from every node (a shared file system)."""
+    The folder must be reachable from every node (a shared file system, or a URL prefix
+    with the storage credentials on every node)."""
     work = functools.partial(dataset_shard, str(folder), shard_size, record, verify_inputs)
     return run_ray_shards(module, shards, preprocessing, batch_size, work, address, actors,
                           progress)

@@ -1,4 +1,4 @@
-"""``imvec.extract.run(job)``: list, resume, compute, assemble; the same for both engines."""
+"""``imvec.extract.run(job)``: list, resume, compute, assemble; the same for both runners."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -51,11 +50,12 @@ def run(job: ExtractJob) -> ExtractResult:
     then stays in the work folder for the next run.
     """
     start = time.perf_counter()
-    if is_url(os.fspath(job.output)):  # Path() would make s3://b/x a local folder "s3:/b/x"
-        raise ImvecError(f"-o {os.fspath(job.output)}: writing to a URL is not supported yet; "
-                         "write to a local or shared folder (every Ray node must see it) "
-                         "and copy it to the store after (e.g. aws s3 sync)")
-    module = load_module(job.model, job.precision)
+    if is_url(os.fspath(job.output)) and not is_dataset(job.output):
+        # a single file is assembled in place from a local work folder: folders only
+        raise ImvecError(f"-o {os.fspath(job.output)}: a URL output must name a folder prefix "
+                         "(e.g. s3://bucket/features/), written as Parquet shards; or write "
+                         "the file locally")
+    module = load_module(job.model, job.precision, job.engine)
     device = _device(job)
     preprocessing = preprocessing_for(module, job.size, job.crop, job.max_pixels,
                                       job.accept_truncated)
@@ -98,7 +98,7 @@ def run(job: ExtractJob) -> ExtractResult:
 
 def _compute(job, module, todo, work, preprocessing, device, update) -> None:
     batch_size = job.batch_size or default_batch_size(module.card.network, device.type)
-    if job.engine == "ray":
+    if job.runner == "ray":
         from imvec.extract.ray_engine import run_ray
 
         run_ray(module, todo, work, preprocessing, batch_size, job.address, job.actors,
@@ -120,11 +120,11 @@ def _shard_computer(job, module, record, preprocessing, device) -> Callable:
 
         update, close = _progress_bar(job, state["images"], state["images"] - todo)
         batch_size = job.batch_size or default_batch_size(module.card.network, device.type)
-        if job.engine == "ray":
+        if job.runner == "ray":
             from imvec.extract.ray_engine import run_shards_ray
 
             try:  # each actor writes the shards it computed, with their done markers
-                run_shards_ray(module, Path(job.output), pending, state["shard_size"], record,
+                run_shards_ray(module, job.output, pending, state["shard_size"], record,
                                preprocessing, batch_size, job.address, job.actors, update,
                                job.verify_inputs)
             finally:
@@ -133,7 +133,7 @@ def _shard_computer(job, module, record, preprocessing, device) -> Callable:
         if next(module.parameters()).device != device:
             module.to(device)
         try:
-            run_shards_local(module, Path(job.output), pending, state["shard_size"], record,
+            run_shards_local(module, job.output, pending, state["shard_size"], record,
                              preprocessing, batch_size, job.workers or default_workers(),
                              device, update, job.verify_inputs, job.decode_timeout)
         finally:

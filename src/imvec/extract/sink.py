@@ -30,6 +30,7 @@ from imvec.extract.arrow import (
     read_columns,
 )
 from imvec.extract.fingerprint import FINGERPRINT_FIELDS, Fingerprints
+from imvec.extract.folder import is_remote
 from imvec.extract.shards import dataset_record, read_dataset
 from imvec.extract.table import METADATA_KEY, ids_of, output_schema, output_table
 from imvec.extract.workdir import PartInfo, disk_error, write_durably
@@ -223,6 +224,8 @@ def _write_npy(path, plan, ok_seq, parts, dim) -> None:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The provenance record of a result (model, weights sha256, preprocessing)."""
+    if is_remote(path):
+        return dataset_record(_remote_folder(path))
     path = Path(path)
     if path.is_dir():
         return dataset_record(path)
@@ -279,7 +282,9 @@ def recorded_inputs(paths: OutputPaths) -> dict[str, tuple[int, int, str | None]
 def read_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """``(ids, features)`` of an ``imvec extract`` result: ids in row order, features
     ``[N, D]`` float32. Reads ``.parquet``, ``.npy`` (with its ``.ids.csv``) and output
-    folders (their finished shards, in listing order)."""
+    folders (their finished shards, in listing order), local or at a URL prefix."""
+    if is_remote(path):
+        return read_dataset(_remote_folder(path))
     path = Path(path)
     if path.is_dir():
         return read_dataset(path)
@@ -288,3 +293,11 @@ def read_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     columns = ["id", "id_bytes", "feature"]
     table = read_columns(path, [c for c in columns if c in pq.read_schema(path).names])
     return ids_of(table), list_values(table.column("feature"))
+
+
+def _remote_folder(url: str | os.PathLike) -> str:
+    url = os.fspath(url)
+    if Path(url).suffix.lower() in (".parquet", ".npy"):
+        raise ImvecError(f"{url}: imvec reads output folders at URLs (s3://bucket/features/); "
+                         "copy a single file locally to read it")
+    return url

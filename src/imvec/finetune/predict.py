@@ -38,10 +38,11 @@ class Prediction:
     error: str | None = None
 
 
-def load_classifier(model: str | os.PathLike) -> tuple[Module, tuple[int, int]]:
+def load_classifier(model: str | os.PathLike, engine: str | None = None
+                    ) -> tuple[Module, tuple[int, int]]:
     """A classification module and the image size to feed it, from a run directory, a
     ``.safetensors`` with logits, or a TF-Hub handle / short name (its classification
-    twin)."""
+    twin); ``engine``: the inference engine, as :func:`imvec.load` takes it."""
     path = Path(model)
     if path.is_dir():
         path = path / MODEL
@@ -53,7 +54,7 @@ def load_classifier(model: str | os.PathLike) -> tuple[Module, tuple[int, int]]:
         if not metadata.get("num_classes"):
             raise ValueError(f"{path} is a feature-vector file without logits; predict needs a "
                              "classifier (a fine-tuned run or a classification checkpoint)")
-        module = load(path, variant="classification")
+        module = load(path, variant="classification", engine=engine)
         size = tuple(json.loads(metadata["image_size"])) if metadata.get("image_size") else None
         return module, size or module.card.input_size
     card = find_card(str(model))
@@ -63,7 +64,7 @@ def load_classifier(model: str | os.PathLike) -> tuple[Module, tuple[int, int]]:
                              f"{card.handle.replace('/feature_vector/', '/classification/')} "
                              "or a fine-tuned run")
         card = find_card(str(model), "classification")
-    module = load(card.handle)
+    module = load(card.handle, engine=engine)
     return module, module.card.input_size
 
 
@@ -76,13 +77,20 @@ def predict(
     batch_size: int = 32,
     central_fraction: float = EVAL_CENTRAL_FRACTION,
     image_size: tuple[int, int] | None = None,
+    engine: str = "auto",
 ) -> list[Prediction]:
     """Top-``k`` (label, probability) per image, in order; an image that cannot be
-    decoded gets an ``error`` instead, and the others are still classified."""
+    decoded gets an ``error`` instead, and the others are still classified. ``engine``:
+    the inference engine a model loaded here runs (a Module passed keeps its own; asking
+    it for another is an error)."""
     if isinstance(model, Module):
+        if engine not in ("auto", model.engine):
+            raise ValueError(f"the module passed runs the {model.engine!r} engine, not "
+                             f"{engine!r}; load it with imvec.load(..., engine={engine!r}) or "
+                             "leave engine unset")
         module, size = model, image_size or model.card.input_size
     else:
-        module, size = load_classifier(model)
+        module, size = load_classifier(model, engine)
         size = image_size or size
     names = module.class_names
     preprocessing = Preprocessing(tuple(size), central_fraction)
