@@ -25,18 +25,21 @@ import contextlib
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from imvec.errors import InputError
 
 __all__ = ["ENV_SPINNING", "ENV_THREADS", "allow_spinning", "apply_torch_threads",
-           "cgroup_cpu_quota", "compute_threads", "decode_workers",
+           "cgroup_cpu_quota", "compute_threads", "decode_workers", "running_elsewhere",
            "usable_cpus", "user_threads"]
 
 ENV_THREADS = "IMVEC_THREADS"
 ENV_SPINNING = "IMVEC_ALLOW_SPINNING"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
+LOADAVG = Path("/proc/loadavg")  # its 4th field: running/all scheduling entities
+OWN_TASKS = Path("/proc/self/task")
 _SET_BY_US: list[int | None] = [None]  # the torch thread count imvec itself set last
 
 
@@ -196,19 +199,45 @@ def apply_torch_threads() -> int:
     return target
 
 
+def running_elsewhere(samples: int = 5, gap_s: float = 0.002) -> int | None:
+    """Threads of other processes running or ready to run now: the fewest over a few
+    samples of the kernel's count (``/proc/loadavg``), less this process's own. Unlike the
+    load average, which keeps a finished job (or this one's own start-up) for minutes, it
+    says what competes now. None where the kernel does not tell."""
+    fewest = None
+    for sample in range(samples):
+        if sample:
+            time.sleep(gap_s)
+        try:
+            running = int(LOADAVG.read_text().split()[3].partition("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        mine = 0
+        for task in OWN_TASKS.glob("*/stat"):
+            with contextlib.suppress(OSError, IndexError):
+                mine += task.read_text().rpartition(")")[2].split()[0] == "R"
+        others = max(0, running - max(1, mine))  # the thread reading counts as running
+        fewest = others if fewest is None else min(fewest, others)
+    return fewest
+
+
 def allow_spinning() -> bool:
     """Whether ONNX Runtime's idle threads spin (``session.intra_op.allow_spinning``), decided
-    when a session starts: on a quiet machine spinning ran NASNet-A mobile 3-7% faster; beside
-    another job it ran MobileNet 1.2-4x slower. So: spin only without a CPU quota and with
-    the machine's load average under a quarter of the usable CPUs (at least 0.5).
-    ``$IMVEC_ALLOW_SPINNING=1`` / ``0`` decides instead."""
+    when a session starts: on a quiet machine spinning ran NASNet-A mobile 3-7% faster (and
+    MobileNet at batch 1 about 1.5x); beside another job it ran MobileNet 1.2-4x slower. So:
+    spin only without a CPU quota and with fewer threads of other processes running than a
+    quarter of the usable CPUs (at least 0.5: none on a small machine). Where the kernel
+    does not say (not Linux) the load average stands in. ``$IMVEC_ALLOW_SPINNING=1`` / ``0``
+    decides instead."""
     chosen = os.environ.get(ENV_SPINNING, "").strip().lower()
     if chosen:
         return chosen in ("1", "true", "yes")
     if cgroup_cpu_quota() is not None:
         return False
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on Unix
-        return True
-    return load < max(0.5, usable_cpus() / 4)
+    busy = running_elsewhere()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not on Unix
+            return True
+    return busy < max(0.5, usable_cpus() / 4)
