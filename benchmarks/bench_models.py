@@ -60,6 +60,7 @@ BF16 = "-bf16"  # the suffix of the contestants that compute in bfloat16
 LARGE = ("nasnet_large", "pnasnet_large", "amoebanet_a_n18_f448")
 OURS = "imvec"  # the default engine ("auto"); "imvec-<engine>" are the others
 OURS_BF16 = "imvec-bf16"  # the default engine with precision="bfloat16"
+BASELINE = "imvec@base"  # with --baseline SRC: imvec's default engine from that source tree
 TARGET_PEAK, TARGET_VS_BASELINES = 0.85, 1.5
 
 
@@ -137,12 +138,14 @@ class Contestant:
     warmup_s: dict[int, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    worker_kind: str | None = None  # what bench_worker runs, when the label differs
 
     def start(self, network: str, size: int, threads: int, timeout: float) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
                "TF_CPP_MIN_LOG_LEVEL": "2", **self.env}
         self.process = subprocess.Popen(
-            [self.python, str(WORKER), self.kind, network, str(size), str(threads)],
+            [self.python, str(WORKER), self.worker_kind or self.kind, network, str(size),
+             str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log(network),
             text=True, env=env, cwd=str(ROOT))
         reply = self.ask(None, timeout)
@@ -213,6 +216,9 @@ def contestants(network: str, default: str, args: argparse.Namespace) -> list[Co
         if not Path(python).exists():
             c.error = f"{python} not found (see benchmarks/README.md)"
         found.append(c)
+    if args.baseline:  # the default engine from another source tree, e.g. a worktree of HEAD
+        found.append(Contestant(BASELINE, sys.executable, worker_kind=OURS,
+                                env={**args.env, "PYTHONPATH": args.baseline}))
     return found
 
 
@@ -429,6 +435,10 @@ def markdown(results: dict[str, Any], json_name: str, chart_name: str) -> str:
            "turns, so the ratios are the fair part)." if m["loadavg_start"] > 0.5 * m["cores"]
            else "."),
         "",
+        *([f"`imvec@base` is imvec's default engine from `{s['baseline']}` (an older "
+           "commit), in the same rounds: a regression check"
+           + (f"; GOMP_SPINCOUNT={s['gomp_spincount']} for all." if s.get("gomp_spincount")
+              else "."), ""] if s.get("baseline") else []),
         f"The contestants take turns: {s['rounds']} rounds, each timing every contestant "
         f"for about {s['round_seconds']:g} s, one after another. Ratio = imvec's speed over "
         "the contestant's, paired by round (their median time per batch in a round over "
@@ -633,6 +643,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="contestants hand their activation memory back after each turn and "
                    "take one untimed call first (automatic when under 25%% of the memory is "
                    "left; all contestants of a network stay loaded)")
+    p.add_argument("--baseline", metavar="SRC", help="also time imvec's default engine from "
+                   "this source folder (e.g. the src/ of a git worktree of an older commit), "
+                   "as the contestant imvec@base: a regression check taking turns")
     p.add_argument("--machine", default=None, help="results name (default: from the CPU)")
     p.add_argument("--render", metavar="JSON", help="only write the report (markdown, chart) "
                    "of an earlier run's results file")
@@ -689,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                      "rounds": args.rounds, "round_seconds": args.round_seconds,
                      "quick": args.quick, "dtype": "float32", "precisions": args.precisions,
                      "weights": "random",
-                     "omp_wait_policy": args.omp_wait_policy},
+                     "omp_wait_policy": args.omp_wait_policy, "baseline": args.baseline,
+                     "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")},
         "networks": {},
     }
     print(f"{results['machine']['cpu']}, {args.threads} threads: matmul peak "
