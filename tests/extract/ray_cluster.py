@@ -42,9 +42,12 @@ def _ray_cli() -> str:
 
 class RayCluster:
     """Head and worker node, one CPU each, custom resources ``node_head`` / ``node_worker``
-    (so a test can place work on a node). ``env``: what a driver needs (address, token)."""
+    (so a test can place work on a node). ``env``: what a driver needs (address, token).
+    ``cores``: node name -> the CPUs its processes may run on (the raylet, agents and workers
+    inherit the affinity of their ``ray start``); default: any."""
 
-    def __init__(self, start_timeout: float = 90.0) -> None:
+    def __init__(self, start_timeout: float = 90.0,
+                 cores: dict[str, set[int]] | None = None) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: socket paths
         self.port = _free_ports(1)[0]
         self.address = f"127.0.0.1:{self.port}"
@@ -53,6 +56,7 @@ class RayCluster:
                     "RAY_ADDRESS": self.address}
         self.nodes: dict[str, subprocess.Popen] = {}
         self.start_timeout = start_timeout
+        self.cores = cores or {}
 
     def _start(self, name: str, head: bool) -> None:
         ports = _free_ports(6)
@@ -69,17 +73,21 @@ class RayCluster:
                      f"--temp-dir={self.temp}"]
         else:
             args += [f"--address={self.address}"]
+        cores = self.cores.get(name)
         log = open(self.temp / f"{name}.log", "wb")  # noqa: SIM115 - kept for the process
         with closing(log):
-            self.nodes[name] = subprocess.Popen(args, env=self.env, stdout=log,
-                                                stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+            self.nodes[name] = subprocess.Popen(
+                args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
 
-    def start(self) -> RayCluster:
+    def start(self, worker: bool = True) -> RayCluster:
+        """Start the head node, then (``worker``) the worker node; wait until they are up."""
         self._start("head", head=True)
         self._wait_for_nodes(1)
-        self._start("worker", head=False)
-        self._wait_for_nodes(2)
+        if worker:
+            self._start("worker", head=False)
+            self._wait_for_nodes(2)
         return self
 
     def _wait_for_nodes(self, count: int) -> None:
@@ -111,6 +119,10 @@ class RayCluster:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+    def processes(self) -> dict[str, list[int]]:
+        """The live processes of each node (its ``ray start`` session)."""
+        return {name: _session(process.pid) for name, process in self.nodes.items()}
 
     def stop(self) -> None:
         for name in list(self.nodes):
