@@ -1,5 +1,6 @@
 """Output folders (issue 19): shards written where computed, done markers, per-shard resume."""
 
+import contextlib
 import json
 import os
 import signal
@@ -116,6 +117,70 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, collection, we
     assert "21 images" in final.stdout and "done by an earlier run" in final.stdout
     assert_equal_to(read_features(out), reference)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _inputs_of_kind(kind: str, folder, root) -> str:
+    """The collection as the input ``kind`` (the s3 one needs the server running)."""
+    files = sorted(folder.rglob("*.jpg"))
+    if kind == "folder":
+        return str(folder)
+    if kind == "glob":
+        return f"{folder}/*/*.jpg"
+    if kind == "table":
+        table = root / "list.parquet"
+        pq.write_table(pa.table({"path": [str(f) for f in files]}), table)
+        return str(table)
+    if kind == "webdataset":
+        from moto_s3 import make_shard
+
+        for index in range(3):
+            make_shard(root / "wds" / f"{index:05d}.tar",
+                       [(f"{f.parent.name}-{f.stem}", {"jpg": f.read_bytes()})
+                        for f in files[7 * index:7 * index + 7]])
+        return f"{root}/wds/{{00000..00002}}.tar"
+    from moto_s3 import upload_tree
+
+    upload_tree(S3[0], folder, "photos/set")
+    return "s3://photos/set"
+
+
+S3: list = [None]  # the running server's file system, for the s3 kind
+
+
+@pytest.mark.parametrize("kind", ["folder", "glob", "table", "webdataset", "s3"])
+def test_every_input_kind_resumes_after_kill_9_with_each_image_once(tmp_path, collection,
+                                                                    weights, kind):
+    """Killed twice mid-run (SIGKILL), then finished: the folder equals an uninterrupted
+    run of the same inputs (ids, order, vectors) for every kind of input."""
+    with contextlib.ExitStack() as stack:
+        if kind == "s3":
+            pytest.importorskip("s3fs")
+            pytest.importorskip("moto.server")
+            from moto_s3 import s3_server
+
+            S3[0] = stack.enter_context(s3_server())  # its settings reach the subprocesses
+        source = _inputs_of_kind(kind, collection, tmp_path)
+        reference = read_features(run(job(source, weights, tmp_path / "whole",
+                                          shard_size=3)).output)
+        out = tmp_path / "features"
+        command = [sys.executable, "-m", "imvec.cli", "extract", source, "--model",
+                   str(weights), "-o", str(out), "--size", str(SIZE), "--workers", "1",
+                   "--batch-size", "2", "--shard-size", "3", "--quiet"]
+        for wanted in (2, 4):
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 120
+            while (process.poll() is None and time.monotonic() < deadline
+                   and len(list(out.glob("_done/*.json"))) < wanted):
+                time.sleep(0.005)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        assert len(list(out.glob("_done/*.json"))) < len(list(out.glob("_manifest/*")))
+        final = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr
+        assert "done by an earlier run" in final.stdout
+        assert_equal_to(read_features(out), reference)
+        assert len(reference[0]) == 20  # the broken file is reported, in every kind
 
 
 def test_resume_recomputes_only_shards_whose_inputs_or_weights_changed(tmp_path, module):
