@@ -343,3 +343,11 @@ def test_a_shard_whose_every_image_fails_is_done_with_no_rows(tmp_path, module):
     assert len(read_features(out)[0]) == 3
     assert pq.read_table(shard_path(out, 1)).num_rows == 0
     assert "already complete: nothing to compute" in run(job(folder, module, out)).notes
+
+
+def test_a_file_url_names_a_local_folder(tmp_path, collection, module, reference):
+    out = tmp_path / "features"
+    result = run(job(collection, module, f"file://{out}"))
+    assert result.ok == 20 and (out / "_imvec.json").is_file()
+    assert_equal_to(read_features(f"file://{out}"), reference)
+    assert read_metadata(f"file://{out}/") == read_metadata(out)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imvec.data.remote import local_path
 from imvec.data.sources import Item
 from imvec.errors import ImvecError
 from imvec.extract.arrow import (
@@ -226,7 +227,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The provenance record of a result (model, weights sha256, preprocessing)."""
     if is_remote(path):
         return dataset_record(_remote_folder(path))
-    path = Path(path)
+    path = _local(path)
     if path.is_dir():
         return dataset_record(path)
     if path.suffix == ".npy":
@@ -285,7 +286,7 @@ def read_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     folders (their finished shards, in listing order), local or at a URL prefix."""
     if is_remote(path):
         return read_dataset(_remote_folder(path))
-    path = Path(path)
+    path = _local(path)
     if path.is_dir():
         return read_dataset(path)
     if path.suffix == ".npy":
@@ -293,6 +294,11 @@ def read_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     columns = ["id", "id_bytes", "feature"]
     table = read_columns(path, [c for c in columns if c in pq.read_schema(path).names])
     return ids_of(table), list_values(table.column("feature"))
+
+
+def _local(path: str | os.PathLike) -> Path:
+    """A local path, or the one a ``file://`` URL names."""
+    return Path(local_path(os.fspath(path)) or path)
 
 
 def _remote_folder(url: str | os.PathLike) -> str:
