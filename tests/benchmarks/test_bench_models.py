@@ -1,21 +1,12 @@
 """The benchmark's arithmetic: paired ratios, targets and the report (no timing here)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_models.py"
+from bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_models", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_models"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_models")
 
 
 def stats(round_medians, batch=16):

@@ -1,22 +1,13 @@
 """bench_ray_nodes' arithmetic: the steady rate from the shards' done times and the round
 the report singles out (no cluster, no timing here)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_ray_nodes.py"
+from bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ray_nodes", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_ray_nodes"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_ray_nodes")
 
 
 def test_steady_rate_leaves_out_the_first_shard_in_time_order(bench):

@@ -92,14 +92,18 @@ def test_write_shard_is_atomic_and_marks_done_last(tmp_path, module):
         "00003.json", "_done", "shard-00003.parquet"]  # no temporary file left
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, collection, weights,
-                                                       reference):
-    out = tmp_path / "features"
-    command = [sys.executable, "-m", "imvec.cli", "extract", str(collection), "--model",
-               str(weights), "-o", str(out), "--size", str(SIZE), "--workers", "1",
-               "--batch-size", "2", "--shard-size", "3", "--quiet"]
+def _extract_command(source: str, weights, out) -> list[str]:
+    """The CLI job of these tests: small batches and shards, so it can be killed between."""
+    return [sys.executable, "-m", "imvec.cli", "extract", source, "--model", str(weights),
+            "-o", str(out), "--size", str(SIZE), "--workers", "1", "--batch-size", "2",
+            "--shard-size", "3", "--quiet"]
+
+
+def _kill_twice(command: list[str], out) -> int:
+    """Run ``command``, SIGKILL it once 2 shards are done, run it again, SIGKILL it once 4
+    are; returns how many runs were killed (a run that finished first was not)."""
     killed = 0
-    for wanted in (2, 4):  # kill once 2 shards are done, then once 4 are
+    for wanted in (2, 4):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -110,7 +114,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, collection, we
             process.send_signal(signal.SIGKILL)
             killed += 1
         process.wait(timeout=60)
-    assert killed == 2, "the job finished before it could be killed twice"
+    return killed
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, collection, weights,
+                                                       reference):
+    out = tmp_path / "features"
+    command = _extract_command(str(collection), weights, out)
+    assert _kill_twice(command, out) == 2, "the job finished before it could be killed twice"
     assert len(list(out.glob("_done/*.json"))) < 7
     final = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
@@ -163,18 +174,8 @@ def test_every_input_kind_resumes_after_kill_9_with_each_image_once(tmp_path, co
         reference = read_features(run(job(source, weights, tmp_path / "whole",
                                           shard_size=3)).output)
         out = tmp_path / "features"
-        command = [sys.executable, "-m", "imvec.cli", "extract", source, "--model",
-                   str(weights), "-o", str(out), "--size", str(SIZE), "--workers", "1",
-                   "--batch-size", "2", "--shard-size", "3", "--quiet"]
-        for wanted in (2, 4):
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 120
-            while (process.poll() is None and time.monotonic() < deadline
-                   and len(list(out.glob("_done/*.json"))) < wanted):
-                time.sleep(0.005)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
+        command = _extract_command(source, weights, out)
+        assert _kill_twice(command, out) == 2
         assert len(list(out.glob("_done/*.json"))) < len(list(out.glob("_manifest/*")))
         final = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr
